@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Callable
 
-_log = logging.getLogger(__name__)
+import structlog
+
+_log = structlog.get_logger(__name__)
 
 
 class Clock:
@@ -67,4 +68,4 @@ class Clock:
                 try:
                     fn()
                 except Exception:
-                    _log.exception("emulator clock task failed")
+                    _log.exception("clock_task_failed")

@@ -1,0 +1,77 @@
+"""The values the broker moves around: stored messages, their per-subscription entries, streams."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+UNLIMITED = 1 << 62
+# Responses stay under the client's default 4 MiB receive limit with room for framing.
+MAX_RESPONSE_BYTES = 3_500_000
+PER_MESSAGE_OVERHEAD = 64
+
+
+@dataclass(slots=True, frozen=True)
+class StoredMessage:
+    """One published message, shared read-only by every subscription of its topic."""
+
+    pb: object  # _pb.PubsubMessage with message_id and publish_time set
+    size: int
+    publish_wall: float
+    ordering_key: str
+
+
+class Entry:
+    """A message's life in one subscription; a delivery gives it a fresh ack id."""
+
+    __slots__ = ("ack_id", "attempts", "check_at", "deadline", "msg", "stream")
+
+    def __init__(self, msg: StoredMessage) -> None:
+        self.msg = msg
+        self.attempts = 0
+        self.ack_id: str | None = None
+        self.stream: Stream | None = None
+        self.deadline = 0.0
+        self.check_at = 0.0
+
+
+class Stream:
+    """One open StreamingPull as the broker sees it, with its own flow-control window."""
+
+    def __init__(
+        self, lock: threading.Lock, client_id: str, max_messages: int, max_bytes: int,
+        ack_deadline: int,
+    ) -> None:
+        self.cond = threading.Condition(lock)
+        self.client_id = client_id
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.ack_deadline = ack_deadline
+        self.outstanding = 0
+        self.outstanding_bytes = 0
+        self.closed = False
+        self.close_code = "UNAVAILABLE"
+        self.close_reason = ""
+
+    def quota(self) -> tuple[int, int]:
+        """How many more messages and bytes this stream may have outstanding."""
+        n = self.max_messages - self.outstanding if self.max_messages > 0 else UNLIMITED
+        b = self.max_bytes - self.outstanding_bytes if self.max_bytes > 0 else UNLIMITED
+        return n, b
+
+
+@dataclass(slots=True)
+class DeliveryPolicy:
+    """The parts of a subscription's settings that shape delivery."""
+
+    ack_deadline: int = 10
+    retention: float = 7 * 86400.0
+    ordered: bool = False
+    max_attempts: int = 0  # 0: no dead-letter policy
+    min_backoff: float | None = None  # None: no retry policy, redeliver at once
+    max_backoff: float = 600.0
+
+    def backoff(self, attempts: int) -> float:
+        if self.min_backoff is None:
+            return 0.0
+        return min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
