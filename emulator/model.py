@@ -59,6 +59,15 @@ class Stream:
         b = self.max_bytes - self.outstanding_bytes if self.max_bytes > 0 else UNLIMITED
         return n, b
 
+    def wants_more(self) -> bool:
+        """Whether enough of the window is free to be worth a response.
+
+        Like the client's own pause/resume hysteresis (pause at 100 %, resume below 80 %): refilling
+        a nearly full window one ack batch at a time makes the client handle many small responses.
+        """
+        n, b = self.quota()
+        return n >= max(1, self.max_messages // 5) and b >= max(1, self.max_bytes // 5)
+
 
 @dataclass(slots=True)
 class DeliveryPolicy:

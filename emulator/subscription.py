@@ -89,7 +89,7 @@ class SubscriptionState:
         if not self._ready:
             return
         for s in self._streams:
-            if s.quota()[0] > 0:
+            if s.wants_more():
                 s.cond.notify()
         self._pull_cond.notify_all()
 
@@ -146,13 +146,13 @@ class SubscriptionState:
                     raise NotFound(f"Subscription does not exist (resource={self.name})")
                 if stream is not None and stream.closed:
                     return None
-                n, nbytes = stream.quota() if stream is not None else (max_messages, UNLIMITED)
-                if n > 0 and nbytes > 0 and self._ready:
+                if self._ready and (stream is None or stream.wants_more()):
                     break
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return []
                 cond.wait(remaining)
+            n, nbytes = stream.quota() if stream is not None else (max_messages, UNLIMITED)
             # Spread a backlog over every open stream rather than letting the first one drain it.
             share = math.ceil(len(self._ready) / max(1, len(self._streams)))
             batch = self._lease(stream, min(n, share, max_messages), nbytes)

@@ -1,0 +1,81 @@
+"""Helpers for tests across the project: polling with a deadline, free ports, Google's emulator."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+OFFICIAL_EMULATOR = Path(
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+)
+
+
+class OfficialEmulatorUnavailable(RuntimeError):
+    """Google's emulator is not installed (or Java is missing); tests turn this into a skip."""
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> bool:
+    """Poll `predicate` until it is truthy or `timeout` seconds pass; returns the last verdict."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the usual race applies)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def official_emulator_command(host: str, port: int) -> list[str]:
+    """The command that starts Google's emulator, or raise OfficialEmulatorUnavailable."""
+    if OFFICIAL_EMULATOR.exists() and shutil.which("java"):
+        return [str(OFFICIAL_EMULATOR), f"--host={host}", f"--port={port}"]
+    gcloud = shutil.which("gcloud")
+    if gcloud and shutil.which("java"):
+        return [gcloud, "beta", "emulators", "pubsub", "start", f"--host-port={host}:{port}"]
+    raise OfficialEmulatorUnavailable("Google's Pub/Sub emulator (and Java) is not installed")
+
+
+@contextlib.contextmanager
+def official_emulator(startup_timeout: float = 60.0) -> Iterator[str]:
+    """Start Google's emulator on a free port, yield its host:port, and kill the JVM on exit."""
+    host, port = "127.0.0.1", free_port()
+    cmd = official_emulator_command(host, port)
+    with tempfile.TemporaryDirectory(prefix="official-pubsub-") as data_dir:
+        log = open(os.path.join(data_dir, "emulator.log"), "wb")  # noqa: SIM115
+        # A session of its own, so the launcher script and its JVM go down together.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if not wait_until(lambda: _port_open(host, port) or proc.poll() is not None,
+                              timeout=startup_timeout, interval=0.2) or proc.poll() is not None:
+                raise OfficialEmulatorUnavailable(
+                    f"Google's emulator did not start: {Path(log.name).read_text()[-500:]}"
+                )
+            yield f"{host}:{port}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.close()
