@@ -11,13 +11,13 @@ import grpc
 
 from emulator import _pb
 from emulator.broker import Broker
-from emulator.errors import EmulatorError, InvalidArgument
+from emulator.errors import EmulatorError
 from emulator.faults import Faults
+from emulator.service import Service
 from emulator.streaming import StreamRegistry, serve_stream
 
 # Pub/Sub accepts 10 MB messages; a publish request carries framing on top.
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
-PULL_WAIT_SECONDS = 3.0
 
 _SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -31,83 +31,6 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-
-
-class _Handlers:
-    """RPC bodies: request protobuf in, response protobuf out, EmulatorError for failures."""
-
-    def __init__(self, broker: Broker) -> None:
-        self.b = broker
-
-    def CreateTopic(self, r: Any) -> Any:
-        return self.b.create_topic(r)
-
-    def GetTopic(self, r: Any) -> Any:
-        return self.b.get_topic(r.topic)
-
-    def UpdateTopic(self, r: Any) -> Any:
-        return self.b.update_topic(r.topic, list(r.update_mask.paths))
-
-    def DeleteTopic(self, r: Any) -> Any:
-        self.b.delete_topic(r.topic)
-        return _pb.Empty()
-
-    def ListTopics(self, r: Any) -> Any:
-        topics, token = self.b.list_topics(r.project, r.page_size, r.page_token)
-        return _pb.ListTopicsResponse(topics=topics, next_page_token=token)
-
-    def ListTopicSubscriptions(self, r: Any) -> Any:
-        subs, token = self.b.list_topic_subscriptions(r.topic, r.page_size, r.page_token)
-        return _pb.ListTopicSubscriptionsResponse(subscriptions=subs, next_page_token=token)
-
-    def Publish(self, r: Any) -> Any:
-        return _pb.PublishResponse(message_ids=self.b.publish(r.topic, list(r.messages)))
-
-    def CreateSubscription(self, r: Any) -> Any:
-        return self.b.create_subscription(r)
-
-    def GetSubscription(self, r: Any) -> Any:
-        return self.b.get_subscription(r.subscription)
-
-    def UpdateSubscription(self, r: Any) -> Any:
-        return self.b.update_subscription(r.subscription, list(r.update_mask.paths))
-
-    def DeleteSubscription(self, r: Any) -> Any:
-        self.b.delete_subscription(r.subscription)
-        return _pb.Empty()
-
-    def ListSubscriptions(self, r: Any) -> Any:
-        subs, token = self.b.list_subscriptions(r.project, r.page_size, r.page_token)
-        return _pb.ListSubscriptionsResponse(subscriptions=subs, next_page_token=token)
-
-    def Acknowledge(self, r: Any) -> Any:
-        if not r.ack_ids:
-            raise InvalidArgument("ack_ids must not be empty.")
-        self.b.subscription(r.subscription).acknowledge(r.ack_ids)
-        return _pb.Empty()
-
-    def ModifyAckDeadline(self, r: Any) -> Any:
-        if not 0 <= r.ack_deadline_seconds <= 600:
-            raise InvalidArgument(
-                "Invalid ack_deadline_seconds: must be between 0 and 600 seconds "
-                f"(got {r.ack_deadline_seconds})."
-            )
-        self.b.subscription(r.subscription).modify_deadline(r.ack_ids, r.ack_deadline_seconds)
-        return _pb.Empty()
-
-    def Pull(self, r: Any) -> Any:
-        if r.max_messages <= 0:
-            raise InvalidArgument("max_messages must be a positive integer.")
-        state = self.b.subscription(r.subscription)
-        wait = 0.0 if r.return_immediately else PULL_WAIT_SECONDS
-        batch = state.take(None, r.max_messages, wait) or []
-        with_attempt = state.policy.max_attempts > 0
-        resp = _pb.PullResponse()
-        for ack_id, msg, attempt in batch:
-            rm = resp.received_messages.add(ack_id=ack_id, message=msg)
-            if with_attempt:
-                rm.delivery_attempt = attempt
-        return resp
 
 
 _PUBLISHER = {
@@ -167,7 +90,7 @@ def _streaming(broker: Broker, faults: Faults, registry: StreamRegistry) -> Call
 
 
 def _unary_handlers(
-    table: dict[str, tuple[Any, Any]], handlers: _Handlers, faults: Faults
+    table: dict[str, tuple[Any, Any]], handlers: Service, faults: Faults
 ) -> dict[str, grpc.RpcMethodHandler]:
     return {
         method: grpc.unary_unary_rpc_method_handler(
@@ -183,7 +106,7 @@ def build_server(
     broker: Broker, faults: Faults, registry: StreamRegistry, executor: futures.Executor
 ) -> grpc.Server:
     """A grpc.Server serving google.pubsub.v1.Publisher and Subscriber (not yet bound/started)."""
-    handlers = _Handlers(broker)
+    handlers = Service(broker)
     server = grpc.server(executor, options=_SERVER_OPTIONS)
     subscriber = _unary_handlers(_SUBSCRIBER, handlers, faults)
     subscriber["StreamingPull"] = grpc.stream_stream_rpc_method_handler(
