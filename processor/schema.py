@@ -202,6 +202,9 @@ def _canonical_ip(text: str) -> str:
     except ValueError:
         message = f"ip: {text[:64]!r} is not an IPv4 or IPv6 address"
         raise Rejection(Reason.INVALID_IP, message) from None
+    # A zone id ("%eth0") names an interface of the scanning host: meaningless as a key.
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise Rejection(Reason.INVALID_IP, "ip: an address with a zone id is not global")
     # An IPv4-mapped IPv6 address is the same host as its IPv4 form: one key, not two.
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)

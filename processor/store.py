@@ -146,7 +146,8 @@ def merge(observations: Iterable[Observation]) -> list[MergedRow]:
             newest[key] = obs
         if obs.timestamp < earliest[key]:
             earliest[key] = obs.timestamp
-    return [MergedRow(obs, earliest[key]) for key, obs in newest.items()]
+    # Key order: concurrent writers then lock rows in the same order and cannot deadlock.
+    return [MergedRow(newest[key], earliest[key]) for key in sorted(newest)]
 
 
 class Repository:
@@ -236,9 +237,7 @@ _SQLITE_HEAD, _SQLITE_ROW, _SQLITE_TAIL = _sqlite_statement()
 _SQLITE_ROWS_PER_STATEMENT = 4000
 
 
-def _sqlite_upsert(
-    connection: Connection, rows: list[MergedRow], now: dt.datetime
-) -> UpsertResult:
+def _sqlite_upsert(connection: Connection, rows: list[MergedRow], now: dt.datetime) -> UpsertResult:
     # Inserted rows are counted from rowids: this transaction holds the write lock, and each
     # fresh row takes the next rowid.
     stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -309,4 +308,3 @@ def _postgres_upsert(
     changed = connection.execute(_POSTGRES_UPSERT, params).all()
     inserted = sum(1 for (fresh,) in changed if fresh)
     return UpsertResult(inserted, len(changed) - inserted, len(rows) - len(changed))
-
