@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package: real databases, skipped locally when absent (not in CI)."""
+"""Fixtures shared by every test package: real databases, skipped locally when absent."""
 
 from __future__ import annotations
 

@@ -26,7 +26,10 @@ from processor.schema import Observation, decode, encode
 from processor.store import Repository, migrate, open_engine
 
 BATCH_SIZES = (1, 100, 500, 2000)
-RAW_COLUMNS = "ip, port, service, last_scanned, response, first_seen, updated_at"
+RAW_INSERT = (
+    "INSERT INTO raw_services (ip, port, service, last_scanned, response, first_seen, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def observations(count: int, seed: int = 1) -> list[Observation]:
@@ -83,7 +86,7 @@ def bench_raw_sqlite(path: str, obs: list[Observation], size: int) -> float:
         " response TEXT, first_seen TEXT, updated_at TEXT, PRIMARY KEY (ip, port, service))"
     )
     parts = [raw_rows(part) for part in batches(obs, size)]
-    insert = f"INSERT INTO raw_services ({RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    insert = RAW_INSERT
 
     def run() -> None:
         for part in parts:
@@ -102,12 +105,14 @@ def bench_raw_postgres(url: str, obs: list[Observation], size: int) -> float:
         connection.execute("DROP TABLE IF EXISTS raw_services")
         connection.execute(
             "CREATE TABLE raw_services (ip varchar(45), port integer, service varchar(64),"
-            " last_scanned timestamptz, response text COLLATE \"C\", first_seen timestamptz,"
+            ' last_scanned timestamptz, response text COLLATE "C", first_seen timestamptz,'
             " updated_at timestamptz, PRIMARY KEY (ip, port, service))"
         )
         connection.commit()
         parts = [raw_rows(part) for part in batches(obs, size)]
-        insert = f"INSERT INTO raw_services ({RAW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        insert = (
+            f"INSERT INTO raw_services ({RAW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        )
 
         def run() -> None:
             for part in parts:
@@ -132,7 +137,9 @@ def main() -> None:
         "--postgres",
         default=os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1/test"),
     )
-    parser.add_argument("--sqlite-dir", default=None, help="where the SQLite file goes (a temp dir)")
+    parser.add_argument(
+        "--sqlite-dir", default=None, help="where the SQLite file goes (a temp dir)"
+    )
     args = parser.parse_args()
 
     obs = observations(args.rows)
@@ -150,12 +157,24 @@ def main() -> None:
         sample = obs[: min(args.rows, size * 400)]
         ours = bench_repository(sqlite_url, sample, size)
         raw = bench_raw_sqlite(str(workdir / "raw.db"), sample, size)
-        table.add_row("sqlite", str(size), f"{len(sample):,}", f"{ours:,.0f}", f"{raw:,.0f}",
-                      f"{ours / raw:.0%}")
+        table.add_row(
+            "sqlite",
+            str(size),
+            f"{len(sample):,}",
+            f"{ours:,.0f}",
+            f"{raw:,.0f}",
+            f"{ours / raw:.0%}",
+        )
         ours = bench_repository(args.postgres, sample, size)
         raw = bench_raw_postgres(args.postgres, sample, size)
-        table.add_row("postgresql", str(size), f"{len(sample):,}", f"{ours:,.0f}", f"{raw:,.0f}",
-                      f"{ours / raw:.0%}")
+        table.add_row(
+            "postgresql",
+            str(size),
+            f"{len(sample):,}",
+            f"{ours:,.0f}",
+            f"{raw:,.0f}",
+            f"{ours / raw:.0%}",
+        )
     console.print(table)
 
     engine = open_engine(sqlite_url)
@@ -168,8 +187,10 @@ def main() -> None:
 
     with engine.begin() as connection:
         connection.exec_driver_sql("DELETE FROM services")
-    console.print(f"decode + upsert_many, batch 500, SQLite: "
-                  f"{rate(len(messages), decode_and_store):,.0f} msg/s")
+    console.print(
+        f"decode + upsert_many, batch 500, SQLite: "
+        f"{rate(len(messages), decode_and_store):,.0f} msg/s"
+    )
 
 
 if __name__ == "__main__":
