@@ -110,9 +110,7 @@ def bench_raw_postgres(url: str, obs: list[Observation], size: int) -> float:
         )
         connection.commit()
         parts = [raw_rows(part) for part in batches(obs, size)]
-        insert = (
-            f"INSERT INTO raw_services ({RAW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-        )
+        insert = RAW_INSERT.replace("?", "%s")
 
         def run() -> None:
             for part in parts:
