@@ -1,0 +1,44 @@
+"""`mini-scan`: one command, a subcommand per job; each is a module's `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name: ("module:function", summary). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("processor.up:main", "run everything locally: emulator, setup, scanner, processors"),
+    "setup": ("processor.setup:main", "create the topics and subscriptions (idempotent)"),
+    "process": ("processor.app:main", "consume the subscription into the database"),
+    "scan": ("scanner.cli:main", "publish scan results (the mock scanner)"),
+    "emulator": ("emulator.cli:main", "serve the project's Pub/Sub emulator"),
+    "services": ("processor.query:services_main", "query the stored services"),
+    "stats": ("processor.query:stats_main", "counts per service, newest scan, rows"),
+    "dlq": ("processor.dlq:main", "inspect and replay dead letters"),
+    "migrate": ("processor.app:migrate_main", "bring the database schema up to date"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mini-scan COMMAND [options]   (mini-scan COMMAND --help for its options)", ""]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"mini-scan: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    sys.argv[0] = f"mini-scan {name}"  # argparse's default prog, in every subcommand's help
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

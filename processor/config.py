@@ -1,0 +1,144 @@
+"""Configuration from the environment (a contract: compose and tools set these) or CLI flags.
+
+Each setting is read when a command's `main()` runs, never at import time. A flag overrides its
+environment variable; an invalid value is a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from processor.store import DEFAULT_DATABASE_URL
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message is one line, fit for the terminal."""
+
+
+class PubSubSettings(BaseSettings):
+    """Where the scan stream lives; shared by every command."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    pubsub_emulator_host: str | None = Field(
+        None, description="host:port of a Pub/Sub emulator; unset means real Google Cloud Pub/Sub"
+    )
+    pubsub_project_id: str = Field("test-project", min_length=1, description="Google Cloud project")
+    pubsub_topic: str = Field(
+        "scan-topic", min_length=1, description="topic the scanner publishes to"
+    )
+    pubsub_subscription: str = Field("scan-sub", min_length=1, description="subscription consumed")
+    pubsub_dead_letter_topic: str = Field(
+        "scan-dlq", min_length=1, description="topic rejected messages are published to"
+    )
+    pubsub_dead_letter_subscription: str = Field(
+        "scan-dlq-sub", min_length=1, description="subscription keeping dead letters for replay"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+    log_format: Literal["json", "console"] | None = Field(
+        None, description="json or console (default: console on a terminal, JSON otherwise)"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def apply_emulator_host(self) -> None:
+        """The Google client reads PUBSUB_EMULATOR_HOST itself: a flag must reach it too."""
+        if self.pubsub_emulator_host:
+            os.environ["PUBSUB_EMULATOR_HOST"] = self.pubsub_emulator_host
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.pubsub_project_id}/topics/{self.pubsub_topic}"
+
+    @property
+    def subscription_path(self) -> str:
+        return f"projects/{self.pubsub_project_id}/subscriptions/{self.pubsub_subscription}"
+
+    @property
+    def dead_letter_topic_path(self) -> str:
+        return f"projects/{self.pubsub_project_id}/topics/{self.pubsub_dead_letter_topic}"
+
+    @property
+    def dead_letter_subscription_path(self) -> str:
+        name = self.pubsub_dead_letter_subscription
+        return f"projects/{self.pubsub_project_id}/subscriptions/{name}"
+
+
+class DatabaseSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="SQLAlchemy URL: sqlite:///path or postgresql://user:password@host/db",
+    )
+
+
+class ProcessorSettings(PubSubSettings, DatabaseSettings):
+    """Everything `mini-scan process` reads."""
+
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="port of /metrics, /healthz and /readyz (0: off)"
+    )
+    metrics_host: str = Field("127.0.0.1", description="bind address of the metrics server")
+    streams: int = Field(2, ge=1, le=32, description="streaming pulls per process")
+    max_messages: int = Field(
+        1000, ge=1, description="flow control: messages held per stream, unacked"
+    )
+    max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="flow control: bytes held per stream, unacked"
+    )
+    batch_size: int = Field(500, ge=1, le=10_000, description="rows per transaction, at most")
+    batch_max_wait_ms: int = Field(
+        50, ge=1, le=60_000, description="oldest message's wait before its batch is flushed"
+    )
+    max_skew_seconds: int = Field(
+        3600, ge=0, description="how far in the future a scan timestamp may be"
+    )
+    startup_timeout: float = Field(
+        60.0, gt=0, description="seconds to wait for the subscription and the database at start"
+    )
+    shutdown_grace: float = Field(
+        10.0, gt=0, description="seconds SIGTERM allows to flush, ack and exit"
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type[BaseSettings]) -> None:
+    """One `--flag` per setting, its environment variable and default in the help."""
+    group = parser.add_argument_group("settings (flag or environment variable)")
+    for name, field in settings_class.model_fields.items():
+        default = "" if field.default is None else f"; default {field.default}"
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} [env {name.upper()}{default}]",
+        )
+
+
+def load(settings_class: type[S], args: argparse.Namespace | None = None) -> S:
+    """Settings from the environment, overridden by the flags given; ConfigError if invalid."""
+    flags = {
+        name: value
+        for name in settings_class.model_fields
+        if (value := getattr(args, name, None)) is not None
+    }
+    try:
+        return settings_class(**flags)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        raise ConfigError(f"invalid {name.upper()}: {error['msg']}") from None
