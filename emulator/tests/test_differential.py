@@ -1,0 +1,75 @@
+"""The same happy-path scenario against our emulator and Google's: a client must see the same."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from google.api_core import exceptions
+from google.cloud import pubsub_v1
+
+from emulator.testing import OfficialEmulatorUnavailable, official_emulator, wait_until
+from emulator.tests.helpers import Collector
+
+pytestmark = pytest.mark.official_emulator
+
+
+@pytest.fixture(scope="module")
+def official_address() -> Iterator[str]:
+    try:
+        with official_emulator() as address:
+            yield address
+    except OfficialEmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _scenario(address: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", address)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    run = uuid.uuid4().hex[:8]
+    topic = publisher.create_topic(name=f"projects/diff/topics/topic-{run}").name
+    sub = subscriber.create_subscription(
+        request={"name": f"projects/diff/subscriptions/sub-{run}", "topic": topic,
+                 "ack_deadline_seconds": 20}
+    )
+    ids = [publisher.publish(topic, f"m{i}".encode(), n=str(i)).result(timeout=20)
+           for i in range(3)]
+    got = Collector(decide=lambda r: "nack" if r.data == b"m1" and
+                    sum(x.data == b"m1" for x in got.received) == 1 else "ack")
+    future = subscriber.subscribe(sub.name, got)
+    try:
+        delivered = wait_until(lambda: len(got.received) >= 4, timeout=30)
+    finally:
+        future.cancel()
+        with contextlib.suppress(Exception):
+            future.result(timeout=10)
+    errors = []
+    for call in (lambda: publisher.create_topic(name=topic),
+                 lambda: publisher.get_topic(topic=f"projects/diff/topics/missing-{run}")):
+        try:
+            call()
+        except exceptions.GoogleAPICallError as exc:
+            errors.append(type(exc).__name__)
+    fetched = subscriber.get_subscription(subscription=sub.name)
+    subscriber.close()
+    return {
+        "delivered": delivered,
+        "deliveries": sorted((r.data, tuple(sorted(r.attributes.items()))) for r in got.received),
+        "ids_distinct": len(set(ids)) == 3,
+        "errors": errors,
+        "subscription": (fetched.topic == topic, fetched.ack_deadline_seconds),
+        "listed": sub.name in list(publisher.list_topic_subscriptions(topic=topic)),
+    }
+
+
+def test_a_client_observes_the_same_happy_path_on_both_emulators(
+    emulator, official_address, monkeypatch
+):
+    ours = _scenario(emulator.address, monkeypatch)
+    theirs = _scenario(official_address, monkeypatch)
+
+    assert ours["delivered"]
+    assert ours == theirs
