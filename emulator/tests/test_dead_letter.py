@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from emulator.testing import wait_until
 from emulator.tests.helpers import Collector, publish_all, unique
+
+# Pull(return_immediately=True) is deprecated but still the plain way to ask "is anything there?".
+pytestmark = pytest.mark.filterwarnings("ignore:The return_immediately flag:DeprecationWarning")
 
 
 def test_a_message_is_dead_lettered_after_max_delivery_attempts_with_source_attributes(

@@ -6,11 +6,15 @@ import time
 from collections import defaultdict
 
 import grpc
+import pytest
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
 from emulator.testing import wait_until
 from emulator.tests.helpers import Collector, publish_all
+
+# Pull(return_immediately=True) is deprecated but still the plain way to ask "is anything there?".
+pytestmark = pytest.mark.filterwarnings("ignore:The return_immediately flag:DeprecationWarning")
 
 
 def test_published_messages_reach_a_streaming_subscriber_once_each(
