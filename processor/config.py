@@ -112,6 +112,20 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
     )
 
 
+class SetupSettings(PubSubSettings):
+    """What `mini-scan setup` creates the subscription with."""
+
+    startup_timeout: float = Field(
+        60.0, gt=0, description="seconds to wait for the Pub/Sub service to answer"
+    )
+    ack_deadline_seconds: int = Field(60, ge=10, le=600, description="subscription ack deadline")
+    max_delivery_attempts: int = Field(
+        20, ge=5, le=100, description="deliveries before Pub/Sub itself dead-letters a message"
+    )
+    min_retry_backoff: float = Field(1.0, ge=0, le=600, description="retry policy minimum, s")
+    max_retry_backoff: float = Field(60.0, ge=0, le=600, description="retry policy maximum, s")
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

@@ -1,0 +1,156 @@
+"""`mini-scan process` / `python -m processor`: wire the parts, wait for dependencies, run until
+SIGTERM or SIGINT, shut down within the grace period."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+import tenacity
+from google.api_core import exceptions as google_exceptions
+from google.cloud import pubsub_v1
+
+from processor.config import (
+    ConfigError,
+    DatabaseSettings,
+    ProcessorSettings,
+    add_arguments,
+    load,
+)
+from processor.consumer import Processor
+from processor.observability import HealthServer, Metrics, configure_logging, redact_url
+from processor.store import Repository, migrate, open_engine
+
+_log = structlog.get_logger("processor")
+T = TypeVar("T")
+
+
+class StartupError(Exception):
+    """A dependency did not appear in time; the message is one line."""
+
+
+def wait_for(what: str, attempt: Callable[[], T], timeout: float) -> T:
+    """Call `attempt` until it succeeds, with backoff, for at most `timeout` seconds."""
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        _log.warning(
+            "waiting_for_dependency",
+            dependency=what,
+            attempt=state.attempt_number,
+            error=str(error).splitlines()[0] if error else "",
+        )
+
+    try:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            before_sleep=log_retry,
+            reraise=True,
+        )(attempt)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(f"{what} not available after {timeout:g}s: {reason}") from exc
+
+
+def bootstrap(settings: ProcessorSettings, metrics: Metrics) -> Processor:
+    """Wait for the subscription and the database, migrate, and build the processor."""
+    settings.apply_emulator_host()
+    subscriber = pubsub_v1.SubscriberClient()
+    publisher = pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.02, max_messages=500)
+    )
+
+    def subscription_exists() -> None:
+        try:
+            subscriber.get_subscription(
+                request={"subscription": settings.subscription_path}, timeout=5
+            )
+        except google_exceptions.NotFound as exc:
+            raise LookupError(
+                f"subscription {settings.subscription_path} does not exist (run mini-scan setup)"
+            ) from exc
+
+    wait_for("subscription", subscription_exists, settings.startup_timeout)
+    engine = open_engine(settings.database_url)
+    wait_for("database", lambda: migrate(engine), settings.startup_timeout)
+    return Processor(settings, Repository(engine), subscriber, publisher, metrics)
+
+
+def run(settings: ProcessorSettings, stop: threading.Event) -> int:
+    """Run until `stop` is set (or a stream fails); the process's exit code."""
+    metrics = Metrics()
+    processor: Processor | None = None
+    health = None
+    if settings.metrics_port:
+        health = HealthServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            metrics,
+            lambda: processor is not None and processor.ready(),
+        ).start()
+    _log.info(
+        "starting",
+        subscription=settings.subscription_path,
+        database=redact_url(settings.database_url),
+        streams=settings.streams,
+        batch_size=settings.batch_size,
+        metrics_port=health.port if health else None,
+    )
+    try:
+        processor = bootstrap(settings, metrics).start()
+        while not stop.wait(0.5):
+            if processor.stream_failed.is_set():
+                processor.shutdown(settings.shutdown_grace)
+                return 1
+        processor.shutdown(settings.shutdown_grace)
+        return 0
+    finally:
+        if health:
+            health.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Consume scan results into the database.")
+    add_arguments(parser, ProcessorSettings)
+    args = parser.parse_args(argv)
+    try:
+        settings = load(ProcessorSettings, args)
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        return run(settings, stop)
+    except StartupError as exc:
+        _log.error("startup_failed", error=str(exc))
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def migrate_main(argv: list[str] | None = None) -> int:
+    """`mini-scan migrate`: apply the schema migrations and exit."""
+    parser = argparse.ArgumentParser(description="Bring the database schema up to date.")
+    add_arguments(parser, DatabaseSettings)
+    try:
+        settings = load(DatabaseSettings, parser.parse_args(argv))
+        migrate(open_engine(settings.database_url))
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"database at {redact_url(settings.database_url)} is up to date")
+    return 0

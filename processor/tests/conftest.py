@@ -1,0 +1,187 @@
+"""Fixtures for processor tests: a real Pub/Sub emulator (ours, and Google's where installed),
+real databases, and a pipeline (topic, subscription, dead-letter topic) per test."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from google.cloud import pubsub_v1
+
+from emulator import Emulator
+from emulator.testing import OfficialEmulatorUnavailable, official_emulator, wait_until
+from processor.app import run
+from processor.config import ProcessorSettings, SetupSettings
+from processor.setup import ensure_resources
+from processor.store import Repository, open_engine
+
+
+@pytest.fixture(scope="session")
+def our_emulator() -> Iterator[Emulator]:
+    with Emulator(port=0) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def official_emulator_host() -> Iterator[str]:
+    try:
+        with official_emulator() as host:
+            yield host
+    except OfficialEmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def emulator_host(our_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", our_emulator.address)
+    return our_emulator.address
+
+
+@pytest.fixture(params=["ours", "official"])
+def any_emulator_host(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Happy-path tests run on our emulator and, where installed, on Google's."""
+    if request.param == "ours":
+        host = request.getfixturevalue("our_emulator").address
+    else:
+        host = request.getfixturevalue("official_emulator_host")
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", host)
+    return host
+
+
+@dataclass
+class Pipeline:
+    """One test's topic, subscription and dead-letter topic, and the processors it runs."""
+
+    settings: ProcessorSettings
+    publisher: pubsub_v1.PublisherClient
+    _running: list[tuple[threading.Thread, threading.Event, list[int]]] = field(
+        default_factory=list
+    )
+
+    def publish(self, bodies: Iterable[bytes], **attributes: str) -> list[str]:
+        futures = [
+            self.publisher.publish(self.settings.topic_path, body, **attributes) for body in bodies
+        ]
+        return [future.result(timeout=30) for future in futures]
+
+    def start_processor(self, **overrides: Any) -> Callable[[], int]:
+        """Run a processor in a thread; returns a function that stops it and gives its exit code."""
+        settings = self.settings.model_copy(update=overrides)
+        stop, exit_code = threading.Event(), []
+        thread = threading.Thread(
+            target=lambda: exit_code.append(run(settings, stop)), name="test-processor"
+        )
+        thread.start()
+        self._running.append((thread, stop, exit_code))
+
+        def stop_it() -> int:
+            stop.set()
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "processor did not stop"
+            return exit_code[0]
+
+        return stop_it
+
+    def stop_all(self) -> None:
+        for thread, stop, _ in self._running:
+            stop.set()
+            thread.join(timeout=30)
+
+    def repository(self) -> Repository:
+        return Repository(open_engine(self.settings.database_url))
+
+    def rows(self) -> list[Any]:
+        repository = self.repository()
+        try:
+            return repository.rows()
+        except Exception:  # the table may not exist yet
+            return []
+        finally:
+            repository.engine.dispose()
+
+    def dead_letters(self, expected: int, timeout: float = 20.0) -> list[Any]:
+        """Pull (and ack) dead letters until `expected` have arrived or `timeout` passes."""
+        subscriber = pubsub_v1.SubscriberClient()
+        received: list[Any] = []
+
+        def pull() -> bool:
+            response = subscriber.pull(
+                subscription=self.settings.dead_letter_subscription_path,
+                max_messages=1000,
+                return_immediately=True,
+                timeout=10,
+            )
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=self.settings.dead_letter_subscription_path,
+                    ack_ids=[m.ack_id for m in response.received_messages],
+                )
+                received.extend(m.message for m in response.received_messages)
+            return len(received) >= expected
+
+        wait_until(pull, timeout=timeout, interval=0.1)
+        subscriber.close()
+        return received
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_pipeline(tmp_path) -> Iterator[Callable[..., Pipeline]]:
+    """A fresh topic, subscription, dead-letter topic and subscription, and settings for them;
+    SQLite in the test's directory unless a database URL is given."""
+    made: list[Pipeline] = []
+
+    def make(database_url: str | None = None, **overrides: Any) -> Pipeline:
+        names = {
+            "pubsub_topic": unique("scan-topic"),
+            "pubsub_subscription": unique("scan-sub"),
+            "pubsub_dead_letter_topic": unique("scan-dlq"),
+            "pubsub_dead_letter_subscription": unique("scan-dlq-sub"),
+        }
+        ensure_resources(SetupSettings(**names, min_retry_backoff=0.1, max_retry_backoff=1.0))
+        settings = ProcessorSettings(
+            **names,
+            database_url=database_url or f"sqlite:///{tmp_path / 'scan_results.db'}",
+            metrics_port=0,
+            batch_max_wait_ms=20,
+            startup_timeout=20,
+            shutdown_grace=10,
+            **overrides,
+        )
+        pipeline = Pipeline(settings, pubsub_v1.PublisherClient())
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.stop_all()
+
+
+def scan(
+    ip: str, port: int, service: str, timestamp: int, response: str, version: int = 2
+) -> bytes:
+    """A wire message, built by hand (not through `encode`) so tests check the real format."""
+    if version == 1:
+        import base64
+
+        data = {"response_bytes_utf8": base64.b64encode(response.encode()).decode()}
+    else:
+        data = {"response_str": response}
+    return json.dumps(
+        {
+            "ip": ip,
+            "port": port,
+            "service": service,
+            "timestamp": timestamp,
+            "data_version": version,
+            "data": data,
+        }
+    ).encode()
