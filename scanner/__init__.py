@@ -1,1 +1,1 @@
-"""scanner."""
+"""The mock scanner: publishes scan results with the reference scanner's distribution."""

@@ -1,0 +1,255 @@
+"""`python -m scanner` / `mini-scan scan`: publish mock scan results until --count or a signal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+import structlog
+from google.cloud import pubsub_v1
+
+from processor.config import ConfigError, PubSubSettings, add_arguments, load
+from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
+from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic
+
+_log = structlog.get_logger("scanner")
+_PROGRESS_EVERY_S = 5.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, not the usage block
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mini-scan scan",
+        description="Publish mock scan results (the reference scanner's distribution) to Pub/Sub.",
+    )
+    add = parser.add_argument
+    add("--rate", type=_at_least(0, float), default=1.0, help="messages/s; 0: as fast as possible")
+    add("--count", type=_at_least(1), default=None, help="stop after N (default: until a signal)")
+    add("--seed", type=int, default=None, help="same seed, same messages (but for timestamps)")
+    add(
+        "--base-timestamp",
+        type=_at_least(0),
+        default=None,
+        metavar="UNIX_SECONDS",
+        help="stamp messages with this time instead of the clock: fully reproducible runs",
+    )
+    add(
+        "--keys",
+        type=_at_least(1),
+        default=None,
+        metavar="N",
+        help="draw keys from a fixed set of N, so later scans update earlier rows",
+    )
+    add(
+        "--duplicates",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="re-publish an earlier message byte for byte",
+    )
+    add(
+        "--out-of-order",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="stamp with a time in the past (up to a day)",
+    )
+    add(
+        "--malformed",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="publish bodies the decoder rejects, each rejection reason in turn",
+    )
+    add(
+        "--log",
+        type=argparse.FileType("w"),
+        default=None,
+        metavar="FILE",
+        help="write a JSON line per message once its publish is confirmed",
+    )
+    add_arguments(parser, PubSubSettings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scanner; 0 after --count messages or a SIGINT/SIGTERM, all confirmed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load(PubSubSettings, args)
+        mix = Mix(args.duplicates, args.out_of_order, args.malformed)
+    except (ConfigError, ValueError) as exc:
+        print(f"mini-scan scan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.keys is not None and args.keys > MAX_KEYS:
+        print(f"mini-scan scan: error: --keys is above {MAX_KEYS} keys", file=sys.stderr)
+        return 2
+    _configure_logging(settings)
+    settings.apply_emulator_host()
+    now = (lambda: args.base_timestamp) if args.base_timestamp is not None else _wall_clock
+    generator = ScanGenerator(now, seed=args.seed, keys=args.keys, mix=mix)
+    return _run(settings, generator, args)
+
+
+def _run(settings: PubSubSettings, generator: ScanGenerator, args: argparse.Namespace) -> int:
+    client = pubsub_v1.PublisherClient()
+    try:
+        check_topic(client, settings.topic_path)
+    except (TopicMissing, PubSubUnreachable) as exc:
+        print(f"mini-scan scan: error: {exc}", file=sys.stderr)
+        return 1
+    tally = _Tally(args.log)
+    publisher = BatchPublisher(client, settings.topic_path, on_confirmed=tally.confirmed)
+    _log.info("scanner_started", topic=settings.topic_path, rate=args.rate, count=args.count)
+    with _stop_on_signals() as stop:
+        started = time.monotonic()
+        try:
+            _produce(generator, publisher, tally, args.rate, args.count, stop)
+        finally:
+            publisher.close()
+            tally.close()
+    elapsed = max(time.monotonic() - started, 1e-9)
+    _log.info(
+        "scanner_finished",
+        confirmed=tally.total,
+        failed=publisher.failed,
+        per_kind=dict(tally.kinds),
+        seconds=round(elapsed, 2),
+        rate=round(tally.total / elapsed),
+    )
+    if publisher.failed:
+        print(
+            f"mini-scan scan: error: {publisher.failed} messages not published: "
+            f"{publisher.first_error}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _produce(
+    generator: ScanGenerator,
+    publisher: BatchPublisher,
+    tally: _Tally,
+    rate: float,
+    count: int | None,
+    stop: threading.Event,
+) -> None:
+    interval = 1.0 / rate if rate > 0 else 0.0
+    started = next_progress = time.monotonic()
+    sent = 0
+    while (count is None or sent < count) and not stop.is_set():
+        if interval:
+            # Pace against the start, not the previous message, so delays do not accumulate.
+            delay = started + sent * interval - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                break
+        publisher.publish(generator.next())
+        sent += 1
+        if sent % 256 == 0 or interval:
+            current = time.monotonic()
+            if current >= next_progress + _PROGRESS_EVERY_S:
+                next_progress = current
+                rate_now = round(sent / (current - started))
+                _log.info("scanner_progress", sent=sent, confirmed=tally.total, rate=rate_now)
+
+
+class _Tally:
+    """Counts confirmed messages per kind and writes the --log lines, from publisher threads."""
+
+    def __init__(self, log: IO[str] | None) -> None:
+        self._lock = threading.Lock()
+        self._log = log
+        self.kinds: Counter[str] = Counter()
+        self.total = 0
+
+    def confirmed(self, messages: Sequence[ScanMessage], ids: Sequence[str]) -> None:
+        lines = (
+            "".join(
+                json.dumps(m.record(i), separators=(",", ":")) + "\n"
+                for m, i in zip(messages, ids, strict=True)
+            )
+            if self._log
+            else ""
+        )
+        with self._lock:
+            self.total += len(messages)
+            self.kinds.update(str(m.kind) for m in messages)
+            if self._log:
+                self._log.write(lines)
+
+    def close(self) -> None:
+        if self._log:
+            self._log.close()
+
+
+def _wall_clock() -> int:
+    return int(time.time())
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM set the event (the loop then flushes and exits 0) instead of raising."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals only reach the main thread; a caller on another thread stops us
+        return
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _configure_logging(settings: PubSubSettings) -> None:
+    json_lines = settings.log_format == "json" or (
+        settings.log_format is None and not sys.stderr.isatty()
+    )
+    renderer = (
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(settings.log_level)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
