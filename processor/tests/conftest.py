@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -113,7 +115,6 @@ class Pipeline:
             response = subscriber.pull(
                 subscription=self.settings.dead_letter_subscription_path,
                 max_messages=1000,
-                return_immediately=True,
                 timeout=10,
             )
             if response.received_messages:
@@ -124,7 +125,7 @@ class Pipeline:
                 received.extend(m.message for m in response.received_messages)
             return len(received) >= expected
 
-        wait_until(pull, timeout=timeout, interval=0.1)
+        wait_until(pull, timeout=timeout, interval=0.0)
         subscriber.close()
         return received
 
@@ -147,15 +148,14 @@ def make_pipeline(tmp_path) -> Iterator[Callable[..., Pipeline]]:
             "pubsub_dead_letter_subscription": unique("scan-dlq-sub"),
         }
         ensure_resources(SetupSettings(**names, min_retry_backoff=0.1, max_retry_backoff=1.0))
-        settings = ProcessorSettings(
-            **names,
-            database_url=database_url or f"sqlite:///{tmp_path / 'scan_results.db'}",
-            metrics_port=0,
-            batch_max_wait_ms=20,
-            startup_timeout=20,
-            shutdown_grace=10,
-            **overrides,
-        )
+        defaults = {
+            "database_url": database_url or f"sqlite:///{tmp_path / 'scan_results.db'}",
+            "metrics_port": 0,
+            "batch_max_wait_ms": 20,
+            "startup_timeout": 20,
+            "shutdown_grace": 10,
+        }
+        settings = ProcessorSettings(**names, **(defaults | overrides))
         pipeline = Pipeline(settings, pubsub_v1.PublisherClient())
         made.append(pipeline)
         return pipeline
@@ -185,3 +185,23 @@ def scan(
             "data": data,
         }
     ).encode()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET on the metrics server; (0, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric(port: int, name: str) -> float:
+    """The value of one sample on /metrics (0 when absent)."""
+    _, body = http_get(port, "/metrics")
+    for line in body.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

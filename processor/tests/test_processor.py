@@ -1,13 +1,46 @@
-"""The processor end to end: real emulator, real client, real database."""
+"""The processor end to end, in-process: real emulator, real client, real databases."""
 
 from __future__ import annotations
 
+import random
 import time
 
-from emulator.testing import wait_until
-from processor.tests.conftest import scan
+from emulator.testing import free_port, wait_until
+from processor.schema import Observation
+from processor.tests.conftest import http_get, metric, scan
+from processor.tests.oracle import expected_rows, stored_rows
+from processor.tests.tcpproxy import tcp_proxy
+from processor.tests.test_schema import BAD_INPUTS
 
 NOW = int(time.time())
+
+
+def observations(count: int, keys: int, seed: int = 1) -> list[Observation]:
+    rng = random.Random(seed)
+    return [
+        Observation(
+            f"1.1.1.{rng.randrange(keys)}",
+            443,
+            "HTTP",
+            NOW - rng.randrange(100_000),
+            f"service response: {rng.randrange(100)}",
+        )
+        for _ in range(count)
+    ]
+
+
+def publish_observations(pipeline, items: list[Observation]) -> None:
+    pipeline.publish(
+        scan(o.ip, o.port, o.service, o.timestamp, o.response, version=1 + i % 2)
+        for i, o in enumerate(items)
+    )
+
+
+def reaches_oracle(pipeline, items: list[Observation], timeout: float = 30) -> bool:
+    expected = expected_rows(items)
+    return wait_until(
+        lambda: stored_rows(pipeline.rows()) == expected, timeout=timeout, interval=0.2
+    )
 
 
 def test_both_hello_world_forms_are_stored_as_text(any_emulator_host, make_pipeline):
@@ -23,4 +56,128 @@ def test_both_hello_world_forms_are_stored_as_text(any_emulator_host, make_pipel
 
     assert wait_until(lambda: len(pipeline.rows()) == 2, timeout=20)
     assert {row.response for row in pipeline.rows()} == {"hello world"}
+    assert stop() == 0
+
+
+def test_duplicated_and_out_of_order_deliveries_end_at_the_oracle(any_emulator_host, make_pipeline):
+    # Given 600 scans of 30 keys, a third of them published twice, in shuffled order
+    pipeline = make_pipeline()
+    items = observations(600, keys=30)
+    deliveries = items + random.Random(2).sample(items, 200)
+    random.Random(3).shuffle(deliveries)
+    publish_observations(pipeline, deliveries)
+    # When the processor drains the subscription
+    stop = pipeline.start_processor()
+    # Then each key holds its newest scan and its oldest first_seen
+    assert reaches_oracle(pipeline, items)
+    assert stop() == 0
+
+
+def test_every_rejection_lands_on_the_dead_letter_topic_with_its_reason(
+    emulator_host, make_pipeline
+):
+    # Given each kind of bad input, each between two good messages
+    pipeline = make_pipeline()
+    good = observations(2 * len(BAD_INPUTS) + 2, keys=250, seed=4)
+    for i, (label, body, _) in enumerate(BAD_INPUTS):
+        publish_observations(pipeline, good[2 * i : 2 * i + 2])
+        pipeline.publish([body], case=label)
+    publish_observations(pipeline, good[-2:])
+    # When the processor runs
+    stop = pipeline.start_processor()
+    # Then every bad message is dead-lettered once, with its reason, and every good one stored
+    letters = pipeline.dead_letters(expected=len(BAD_INPUTS))
+    assert sorted((m.attributes["case"], m.attributes["reason"]) for m in letters) == sorted(
+        (label, str(reason)) for label, _, reason in BAD_INPUTS
+    )
+    bodies = {label: body for label, body, _ in BAD_INPUTS}
+    for letter in letters:
+        assert letter.data == bodies[letter.attributes["case"]]  # the original bytes
+        assert letter.attributes["error"]
+        assert letter.attributes["source_subscription"] == pipeline.settings.subscription_path
+        assert letter.attributes["source_message_id"]
+    assert reaches_oracle(pipeline, good)
+    assert stop() == 0
+    assert pipeline.dead_letters(expected=1, timeout=1) == []  # dead-lettered once, not looped
+
+
+def test_a_row_postgresql_refuses_is_dead_lettered_alone(
+    emulator_host, make_pipeline, postgres_url
+):
+    # Given a batch in which one response holds a NUL character, which PostgreSQL cannot store
+    pipeline = make_pipeline(database_url=postgres_url, batch_max_wait_ms=500)
+    good = observations(40, keys=40, seed=5)
+    publish_observations(pipeline, good[:20])
+    pipeline.publish([scan("9.9.9.9", 1, "HTTP", NOW, "nul \x00 byte")], case="nul")
+    publish_observations(pipeline, good[20:])
+    # When the processor stores the batch
+    stop = pipeline.start_processor()
+    # Then only that message is dead-lettered, as storage_rejected, and the rest is stored
+    letters = pipeline.dead_letters(expected=1)
+    assert [(m.attributes["case"], m.attributes["reason"]) for m in letters] == [
+        ("nul", "storage_rejected")
+    ]
+    assert "NUL" in letters[0].attributes["error"]
+    assert reaches_oracle(pipeline, good)
+    assert stop() == 0
+
+
+def test_a_database_outage_loses_nothing_and_dead_letters_nothing(
+    emulator_host, make_pipeline, postgres_url
+):
+    host_port = postgres_url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1) if ":" in host_port else (host_port, "5432")
+    with tcp_proxy(host, int(port)) as proxy:
+        proxied = postgres_url.replace(host_port, proxy.address)
+        metrics_port = free_port()
+        pipeline = make_pipeline(database_url=proxied, metrics_port=metrics_port)
+        first, second = observations(100, keys=100, seed=6), observations(300, keys=200, seed=7)
+        stop = pipeline.start_processor()
+        publish_observations(pipeline, first)
+        assert reaches_oracle(pipeline, first)
+        # When the database becomes unreachable while messages keep coming
+        proxy.cut()
+        publish_observations(pipeline, second)
+        assert wait_until(lambda: http_get(metrics_port, "/readyz")[0] == 503, timeout=15)
+        assert metric(metrics_port, "mini_scan_storage_retries_total") >= 1
+        assert http_get(metrics_port, "/healthz")[0] == 200  # alive, only not ready
+        proxy.restore()
+        # Then processing resumes by itself and everything is stored
+        assert reaches_oracle(pipeline, first + second)
+        assert wait_until(lambda: http_get(metrics_port, "/readyz")[0] == 200, timeout=15)
+        assert stop() == 0
+    assert pipeline.dead_letters(expected=1, timeout=1) == []
+
+
+def test_two_processors_share_the_work_and_end_at_the_oracle(emulator_host, make_pipeline):
+    pipeline = make_pipeline()
+    ports = [free_port(), free_port()]
+    stops = [pipeline.start_processor(metrics_port=port) for port in ports]
+    for port in ports:
+        assert wait_until(lambda p=port: http_get(p, "/readyz")[0] == 200, timeout=20)
+    items = observations(3000, keys=250, seed=8)
+
+    publish_observations(pipeline, items)
+
+    assert reaches_oracle(pipeline, items)
+    acked = [metric(port, "mini_scan_messages_acked_total") for port in ports]
+    assert all(count > 0 for count in acked), acked
+    assert sum(acked) >= len(items)
+    assert [stop() for stop in stops] == [0, 0]
+
+
+def test_metrics_count_received_acked_rows_and_dead_letters(emulator_host, make_pipeline):
+    port = free_port()
+    pipeline = make_pipeline(metrics_port=port)
+    items = observations(50, keys=50, seed=9)
+    publish_observations(pipeline, items)
+    pipeline.publish([b"not json"])
+
+    stop = pipeline.start_processor()
+
+    assert wait_until(lambda: metric(port, "mini_scan_messages_acked_total") == 51, timeout=20)
+    assert metric(port, "mini_scan_messages_received_total") == 51
+    assert metric(port, 'mini_scan_messages_dead_lettered_total{reason="invalid_json"}') == 1
+    assert metric(port, 'mini_scan_rows_total{outcome="inserted"}') == len(expected_rows(items))
+    assert metric(port, "mini_scan_publish_to_commit_seconds_count") == 50
     assert stop() == 0
