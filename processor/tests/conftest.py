@@ -4,19 +4,28 @@ real databases, and a pipeline (topic, subscription, dead-letter topic) per test
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.cloud import pubsub_v1
 
 from emulator import Emulator
-from emulator.testing import OfficialEmulatorUnavailable, official_emulator, wait_until
+from emulator.testing import (
+    OfficialEmulatorUnavailable,
+    free_port,
+    official_emulator,
+    wait_until,
+)
 from processor.app import run
 from processor.config import ProcessorSettings, SetupSettings
 from processor.setup import ensure_resources
@@ -205,3 +214,75 @@ def metric(port: int, name: str) -> float:
         if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+class ProcessorProcess:
+    """`python -m processor` in a child process, configured through the environment."""
+
+    def __init__(self, settings: ProcessorSettings, log_path: Any, **env: str) -> None:
+        self.metrics_port = free_port()
+        variables = {
+            "PUBSUB_TOPIC": settings.pubsub_topic,
+            "PUBSUB_SUBSCRIPTION": settings.pubsub_subscription,
+            "PUBSUB_DEAD_LETTER_TOPIC": settings.pubsub_dead_letter_topic,
+            "DATABASE_URL": settings.database_url,
+            "METRICS_PORT": str(self.metrics_port),
+            "LOG_FORMAT": "json",
+            "BATCH_MAX_WAIT_MS": str(settings.batch_max_wait_ms),
+        }
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "processor"],
+            env=os.environ | variables | env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        ready = wait_until(
+            lambda: (
+                self.process.poll() is not None or http_get(self.metrics_port, "/readyz")[0] == 200
+            ),
+            timeout=timeout,
+            interval=0.1,
+        )
+        assert ready, self.output()
+        assert self.process.poll() is None, self.output()
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def output(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.output().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait(10)
+
+
+@pytest.fixture
+def spawn_processor(tmp_path) -> Iterator[Callable[..., ProcessorProcess]]:
+    started: list[ProcessorProcess] = []
+
+    def spawn(pipeline: Pipeline, **env: str) -> ProcessorProcess:
+        child = ProcessorProcess(
+            pipeline.settings, tmp_path / f"processor-{len(started)}.log", **env
+        )
+        started.append(child)
+        return child
+
+    yield spawn
+    for child in started:
+        child.stop()

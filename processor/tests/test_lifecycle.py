@@ -1,0 +1,102 @@
+"""The processor as a process: SIGTERM, kill -9, start-up and configuration errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from emulator.testing import wait_until
+from processor.config import SetupSettings
+from processor.setup import ensure_resources
+from processor.tests.conftest import unique
+from processor.tests.oracle import expected_rows, stored_rows
+from processor.tests.test_processor import observations, publish_observations, reaches_oracle
+
+
+def test_sigterm_mid_stream_exits_0_in_the_grace_period_and_acks_nothing_uncommitted(
+    emulator_host, make_pipeline, spawn_processor
+):
+    # Given a processor busy with a backlog of unique keys (any lost message is a missing row)
+    pipeline = make_pipeline()
+    items = observations(6000, keys=250, seed=11)
+    items = [o._replace(port=i) for i, o in enumerate(items)]
+    publish_observations(pipeline, items)
+    child = spawn_processor(pipeline, BATCH_SIZE="100")
+    assert wait_until(lambda: len(pipeline.rows()) > 0, timeout=30), child.output()
+    # When it gets SIGTERM mid-stream
+    child.signal(signal.SIGTERM)
+    started = time.monotonic()
+    # Then it exits 0 within the grace period, having flushed what it held
+    assert child.wait(timeout=15) == 0, child.output()
+    assert time.monotonic() - started < 10
+    assert any(e["event"] == "shutdown_complete" and e["flushed"] for e in child.events())
+    assert len(pipeline.rows()) < len(items)  # it really stopped mid-stream
+    # And another processor drains the rest to exactly the oracle
+    stop = pipeline.start_processor()
+    assert reaches_oracle(pipeline, items, timeout=60)
+    assert stop() == 0
+
+
+def test_kill_9_mid_batch_then_restart_ends_at_the_oracle(
+    emulator_host, make_pipeline, spawn_processor
+):
+    pipeline = make_pipeline()
+    items = observations(6000, keys=250, seed=12)
+    items = [o._replace(port=i) for i, o in enumerate(items)]
+    publish_observations(pipeline, items)
+    child = spawn_processor(pipeline, BATCH_SIZE="100")
+    assert wait_until(lambda: len(pipeline.rows()) > 0, timeout=30), child.output()
+
+    child.signal(signal.SIGKILL)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    replacement = spawn_processor(pipeline)
+
+    # The killed process's unacked messages come back when their leases end.
+    assert wait_until(
+        lambda: stored_rows(pipeline.rows()) == expected_rows(items), timeout=90, interval=0.5
+    ), replacement.output()
+
+
+def run_processor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processor", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | env,
+    )
+
+
+def test_invalid_configuration_is_one_line_and_exit_code_2():
+    result = run_processor("--streams", "many")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "STREAMS" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_missing_subscription_fails_start_up_with_one_line(emulator_host):
+    result = run_processor(
+        "--pubsub-subscription", unique("missing"), "--startup-timeout", "1", "--metrics-port", "0"
+    )
+
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_setup_is_idempotent(emulator_host):
+    names = SetupSettings(
+        pubsub_topic=unique("t"),
+        pubsub_subscription=unique("s"),
+        pubsub_dead_letter_topic=unique("d"),
+        pubsub_dead_letter_subscription=unique("ds"),
+    )
+
+    assert len(ensure_resources(names)) == 4
+    assert ensure_resources(names) == []
