@@ -61,13 +61,19 @@ class Broker:
         self._subs: dict[str, _Subscription] = {}
         self._message_ids = itertools.count(1)
         self.clock = Clock()
+        # Once set, new StreamingPulls are refused so clients cannot reconnect during shutdown.
+        self.shutting_down = False
 
     def start(self) -> None:
         self.clock.start()
         self.clock.call_every(_RETENTION_SWEEP_SECONDS, self._purge_expired)
 
-    def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
         self.close_all_streams("UNAVAILABLE", "The emulator is shutting down.")
+
+    def stop(self) -> None:
+        self.begin_shutdown()
         self.clock.stop()
 
     # -- topics ----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Emulator:
         if not self._started:
             return
         self._started = False
-        self.broker.close_all_streams("UNAVAILABLE", "The emulator is shutting down.")
+        self.broker.begin_shutdown()
         if self._rest is not None:
             self._rest.stop()
         self._server.stop(grace).wait()
