@@ -109,26 +109,28 @@ class ScanGenerator:
         return message
 
     def _scan(self, seq: int, kind: Kind) -> ScanMessage:
-        rng = self._rng
         ip, port, service = self._key()
-        response = f"service response: {rng.randrange(100)}"
-        version = 1 if rng.randrange(2) == 0 else 2
+        draw = self._rng.random
+        # int(random() * n) rather than randrange(n): the same uniform draw at a third of the
+        # cost, and generation is the scanner's hot path at 20,000+ messages/s.
+        response = f"service response: {int(draw() * 100)}"
+        version = 1 if draw() < 0.5 else 2
         timestamp = self._now()
         if kind is Kind.OUT_OF_ORDER:
-            low, high = _LONG_LAG if rng.random() < _LONG_LAG_SHARE else _SHORT_LAG
-            timestamp = max(0, timestamp - rng.randint(low, high))
+            low, high = _LONG_LAG if draw() < _LONG_LAG_SHARE else _SHORT_LAG
+            timestamp = max(0, timestamp - low - int(draw() * (high - low + 1)))
         observation = Observation(ip, port, service, timestamp, response)
         return ScanMessage(seq, kind, encode(observation, version), observation, version, None)
 
     def _key(self) -> Key:
         if self._keys is not None:
-            return self._keys[self._rng.randrange(len(self._keys))]
+            return self._keys[int(self._rng.random() * len(self._keys))]
         return self._fresh_key()
 
     def _fresh_key(self) -> Key:
         # The reference scanner: 1.1.1.{rand.Intn(255)}, rand.Intn(65535), one of three services.
-        rng = self._rng
-        return f"1.1.1.{rng.randrange(255)}", rng.randrange(65535), rng.choice(SERVICES)
+        draw = self._rng.random
+        return f"1.1.1.{int(draw() * 255)}", int(draw() * 65535), SERVICES[int(draw() * 3)]
 
     def _draw_key_set(self, count: int) -> list[Key]:
         chosen: dict[Key, None] = {}  # a dict keeps draw order, so the set is reproducible

@@ -1,0 +1,124 @@
+"""Publish rate of the scanner against our emulator, next to a bare PublisherClient loop.
+
+Starts `python -m emulator` in its own process (so it does not share the publisher's GIL), creates
+a topic and a subscription (so messages are retained, as in production), then times
+  1. the scanner (`scanner.cli.main`, `--rate 0`): generate, encode, batch, publish, confirm;
+  2. a bare `PublisherClient.publish()` loop of pre-encoded bytes, confirmed by callbacks.
+
+    uv run python -m bench.scanner [--messages 200000] [--bare-messages 100000]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's directory would come first on sys.path and shadow `emulator`.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1 import types
+
+from emulator.testing import free_port, wait_until
+from processor.schema import Observation, encode
+from scanner.cli import main as scanner_main
+
+PROJECT = "bench"
+
+
+@contextlib.contextmanager
+def emulator_process() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if not wait_until(lambda: _listening(port), timeout=30):
+            raise RuntimeError("the emulator did not start")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def topic_with_subscription() -> tuple[str, str]:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    topic = f"projects/{PROJECT}/topics/{name}"
+    pubsub_v1.PublisherClient().create_topic(name=topic)
+    subscriber = pubsub_v1.SubscriberClient()
+    subscriber.create_subscription(name=f"projects/{PROJECT}/subscriptions/{name}", topic=topic)
+    subscriber.close()
+    return name, topic
+
+
+def scanner_rate(count: int) -> float:
+    name, _ = topic_with_subscription()
+    argv = ["--rate", "0", "--count", str(count), "--seed", "1"]
+    argv += ["--pubsub-project-id", PROJECT, "--pubsub-topic", name, "--log-level", "WARNING"]
+    started = time.perf_counter()
+    if scanner_main(argv) != 0:
+        raise RuntimeError("the scanner failed")
+    return count / (time.perf_counter() - started)
+
+
+def bare_client_rate(count: int) -> float:
+    _, topic = topic_with_subscription()
+    body = encode(Observation("1.1.1.1", 80, "HTTP", int(time.time()), "service response: 1"))
+    flow = types.PublishFlowControl(
+        message_limit=20_000, limit_exceeded_behavior=types.LimitExceededBehavior.BLOCK
+    )
+    client = pubsub_v1.PublisherClient(
+        batch_settings=types.BatchSettings(max_messages=1000, max_latency=0.02),
+        publisher_options=types.PublisherOptions(flow_control=flow),
+    )
+    lock, done, confirmed = threading.Lock(), threading.Event(), [0]
+
+    def settle(future: pubsub_v1.publisher.futures.Future) -> None:
+        future.result()
+        with lock:
+            confirmed[0] += 1
+            if confirmed[0] == count:
+                done.set()
+
+    started = time.perf_counter()
+    for _ in range(count):
+        client.publish(topic, body).add_done_callback(settle)
+    done.wait()
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--bare-messages", type=int, default=100_000)
+    args = parser.parse_args()
+    with emulator_process() as address:
+        os.environ["PUBSUB_EMULATOR_HOST"] = address
+        scanner = scanner_rate(args.messages)
+        bare = bare_client_rate(args.bare_messages)
+    print(f"{'publisher':<48} {'messages':>9} {'msg/s':>9}")
+    print(f"{'scanner (generate+encode+batch, --rate 0)':<48} {args.messages:>9} {scanner:>9,.0f}")
+    print(f"{'bare PublisherClient.publish() loop':<48} {args.bare_messages:>9} {bare:>9,.0f}")
+
+
+if __name__ == "__main__":
+    main()

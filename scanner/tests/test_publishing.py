@@ -1,0 +1,127 @@
+"""The scanner against the emulator, through the real google-cloud-pubsub client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emulator.testing import wait_until
+from processor.schema import Rejection, decode
+from scanner.cli import main
+from scanner.tests.helpers import PROJECT, Stream, pull_all
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_count_n_puts_exactly_n_messages_on_the_subscription(stream: Stream, tmp_path) -> None:
+    log = tmp_path / "published.jsonl"
+    argv = ["--count", "3000", "--rate", "0", "--seed", "11", "--keys", "100", "--log", str(log)]
+    argv += ["--duplicates", "0.1", "--out-of-order", "0.1", "--malformed", "0.1"]
+
+    assert main([*argv, *stream.flags]) == 0
+
+    received = pull_all(stream.subscription, expected=3000)
+    lines = {line["message_id"]: line for line in read_log(log)}
+    assert len(received) == 3000
+    assert lines.keys() == received.keys()
+    assert sorted(line["seq"] for line in lines.values()) == list(range(3000))
+    for message_id, data in received.items():
+        line = lines[message_id]
+        if line["kind"] == "malformed":
+            with pytest.raises(Rejection) as rejected:
+                decode(data)
+            assert rejected.value.reason == line["reason"]
+        else:
+            observation = decode(data, max_skew=0)
+            assert observation._asdict() == {f: line[f] for f in observation._fields}
+
+
+def test_every_kind_is_published_and_logged(stream: Stream, tmp_path) -> None:
+    log = tmp_path / "published.jsonl"
+    argv = ["--count", "500", "--rate", "0", "--seed", "1", "--log", str(log)]
+    argv += ["--duplicates", "0.2", "--out-of-order", "0.2", "--malformed", "0.3"]
+
+    assert main([*argv, *stream.flags]) == 0
+
+    lines = read_log(log)
+    assert {line["kind"] for line in lines} == {"valid", "duplicate", "out_of_order", "malformed"}
+    assert len({line["reason"] for line in lines if line["kind"] == "malformed"}) == 12
+
+
+def test_the_rate_paces_publishing(stream: Stream, tmp_path) -> None:
+    log = tmp_path / "published.jsonl"
+
+    assert main(["--count", "5", "--rate", "50", "--log", str(log), *stream.flags]) == 0
+
+    assert len(pull_all(stream.subscription, expected=5)) == 5
+    assert [line["kind"] for line in read_log(log)] == ["valid"] * 5
+
+
+def test_a_missing_topic_is_one_line_and_a_non_zero_exit(stream: Stream) -> None:
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": stream.address}
+    cmd = [sys.executable, "-m", "scanner", "--count", "1", "--pubsub-project-id", PROJECT]
+    result = subprocess.run(
+        [*cmd, "--pubsub-topic", "no-such-topic"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"mini-scan scan: error: topic projects/{PROJECT}/topics/no-such-topic does not exist: "
+        "run `mini-scan setup` first"
+    ]
+
+
+def test_sigterm_flushes_what_was_published_and_exits_zero(stream: Stream, tmp_path) -> None:
+    log = tmp_path / "published.jsonl"
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": stream.address, "LOG_FORMAT": "json"}
+    cmd = [sys.executable, "-m", "scanner", "--rate", "200", "--log", str(log), *stream.flags]
+    scanner = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 50, 30)
+        scanner.send_signal(signal.SIGTERM)
+        _, stderr = scanner.communicate(timeout=30)
+    finally:
+        scanner.kill()
+
+    assert scanner.returncode == 0, stderr
+    published = read_log(log)
+    assert len(pull_all(stream.subscription, expected=len(published))) == len(published)
+    summary = json.loads(stderr.splitlines()[-1])
+    assert summary["event"] == "scanner_finished"
+    assert summary["confirmed"] == len(published)
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--duplicates", "0.6", "--malformed", "0.6"], "add up to more than 1"),
+        (["--pubsub-project-id", ""], "invalid PUBSUB_PROJECT_ID"),
+    ],
+)
+def test_inconsistent_settings_are_one_line_and_exit_2(flags, complaint, capsys) -> None:
+    assert main(["--count", "1", *flags]) == 2
+
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert complaint in err
+
+
+@pytest.mark.parametrize("flags", [["--rate", "-1"], ["--count", "0"], ["--malformed", "2"]])
+def test_a_bad_flag_value_is_one_line_and_exit_2(flags, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(flags)
+
+    assert exited.value.code == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
