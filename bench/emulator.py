@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import subprocess
 import threading
 import time
@@ -113,17 +114,91 @@ def drain(address: str, subscription: str, count: int, streams: int, max_message
     return elapsed
 
 
-def measure(address: str, args: argparse.Namespace) -> dict[int, float]:
-    rates = {}
-    for streams in args.streams:
-        run = uuid.uuid4().hex[:8]
-        topic = f"projects/{PROJECT}/topics/t-{run}"
-        subscription = f"projects/{PROJECT}/subscriptions/s-{run}"
-        preload(address, topic, subscription, args.messages, args.payload)
-        seconds = drain(address, subscription, args.messages, streams, args.max_messages)
-        rates[streams] = args.messages / seconds
-        print(f"  {streams} stream(s): {rates[streams]:,.0f} msg/s", file=sys.stderr, flush=True)
+def drain_raw(
+    address: str, subscription: str, count: int, streams: int, max_messages: int
+) -> float:
+    """Like `drain`, with a minimal raw-gRPC consumer acking on the stream: the broker's ceiling."""
+    seen: set[str] = set()
+    lock, done = threading.Lock(), threading.Event()
+    channel = grpc.insecure_channel(address)
+    pull = channel.stream_stream(
+        "/google.pubsub.v1.Subscriber/StreamingPull",
+        request_serializer=_pb.StreamingPullRequest.SerializeToString,
+        response_deserializer=_pb.StreamingPullResponse.FromString,
+    )
+
+    def consume() -> None:
+        acks: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
+
+        def requests() -> Iterator[object]:
+            yield _pb.StreamingPullRequest(
+                subscription=subscription, stream_ack_deadline_seconds=60,
+                max_outstanding_messages=max_messages,
+            )
+            while (ack_ids := acks.get()) is not None:
+                yield _pb.StreamingPullRequest(ack_ids=ack_ids)
+
+        call = pull(requests())
+        with contextlib.suppress(grpc.RpcError):
+            for response in call:
+                ids = [m.message.message_id for m in response.received_messages]
+                acks.put([m.ack_id for m in response.received_messages])
+                with lock:
+                    seen.update(ids)
+                    if len(seen) >= count:
+                        done.set()
+                if done.is_set():
+                    break
+        acks.put(None)
+        call.cancel()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=consume, name=f"raw-{i}") for i in range(streams)]
+    for t in threads:
+        t.start()
+    finished = done.wait(timeout=120)
+    elapsed = time.perf_counter() - start
+    channel.close()
+    for t in threads:
+        t.join(timeout=10)
+    if not finished:
+        raise RuntimeError(f"drained only {len(seen)} of {count} messages")
+    return elapsed
+
+
+def measure(address: str, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """Drain rates per stream count: "client" (google-cloud-pubsub) and "raw" (minimal gRPC)."""
+    drains = {"client": drain} if args.no_raw else {"client": drain, "raw": drain_raw}
+    rates: dict[str, dict[int, float]] = {kind: {} for kind in drains}
+    for kind, drain_fn in drains.items():
+        for streams in args.streams:
+            run = uuid.uuid4().hex[:8]
+            topic = f"projects/{PROJECT}/topics/t-{run}"
+            subscription = f"projects/{PROJECT}/subscriptions/s-{run}"
+            preload(address, topic, subscription, args.messages, args.payload)
+            seconds = drain_fn(address, subscription, args.messages, streams, args.max_messages)
+            rates[kind][streams] = args.messages / seconds
+            print(f"  {kind} {streams} stream(s): {rates[kind][streams]:,.0f} msg/s",
+                  file=sys.stderr, flush=True)
     return rates
+
+
+def _cell(rate: float | None, width: int) -> str:
+    return f"{rate:>{width},.0f}" if rate else f"{'n/a':>{width}}"
+
+
+def print_table(args: argparse.Namespace, mine: dict[str, dict[int, float]],
+                theirs: dict[str, dict[int, float]]) -> None:
+    print(f"\n{args.messages:,} messages of {args.payload} B, "
+          f"flow control {args.max_messages} per stream; msg/s")
+    print("streams | ours (client) | official (client) | ratio | ours (raw gRPC) | official (raw)")
+    print("--------+---------------+-------------------+-------+-----------------+---------------")
+    for streams in args.streams:
+        ours, other = mine["client"][streams], theirs.get("client", {}).get(streams)
+        ratio = f"{ours / other:>5.1f}" if other else f"{'n/a':>5}"
+        print(f"{streams:>7} | {_cell(ours, 13)} | {_cell(other, 17)} | {ratio} | "
+              f"{_cell(mine.get('raw', {}).get(streams), 15)} | "
+              f"{_cell(theirs.get('raw', {}).get(streams), 14)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,4,8", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--max-messages", type=int, default=5000, help="flow control per stream")
     parser.add_argument("--no-official", action="store_true", help="skip Google's emulator")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-gRPC ceiling runs")
     args = parser.parse_args(argv)
 
     print("ours:", file=sys.stderr)
     with ours() as address:
         mine = measure(address, args)
-    theirs: dict[int, float] = {}
+    theirs: dict[str, dict[int, float]] = {}
     if not args.no_official:
         try:
             with official_emulator() as address:
@@ -147,16 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 theirs = measure(address, args)
         except OfficialEmulatorUnavailable as exc:
             print(f"official emulator skipped: {exc}", file=sys.stderr)
-
-    print(f"\n{args.messages:,} messages of {args.payload} B, "
-          f"flow control {args.max_messages} per stream")
-    print(f"{'streams':>7} | {'ours msg/s':>10} | {'official msg/s':>14} | {'ratio':>5}")
-    print(f"{'-' * 7}-+-{'-' * 10}-+-{'-' * 14}-+-{'-' * 5}")
-    for streams, rate in mine.items():
-        other = theirs.get(streams)
-        official = f"{other:>14,.0f}" if other else f"{'n/a':>14}"
-        ratio = f"{rate / other:>5.1f}" if other else f"{'n/a':>5}"
-        print(f"{streams:>7} | {rate:>10,.0f} | {official} | {ratio}")
+    print_table(args, mine, theirs)
     return 0
 
 
