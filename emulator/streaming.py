@@ -18,7 +18,7 @@ import structlog
 
 from emulator import _pb
 from emulator.broker import Broker
-from emulator.errors import EmulatorError, InvalidArgument
+from emulator.errors import EmulatorError, InvalidArgument, Unavailable
 from emulator.model import UNLIMITED, Stream
 from emulator.subscription import Delivery, SubscriptionState
 
@@ -64,8 +64,10 @@ def serve_stream(
     """The StreamingPull handler body; never ends with OK, which the client treats as fatal."""
     first = next(requests, None)
     if first is None:
-        return
+        context.abort(grpc.StatusCode.UNAVAILABLE, "The stream closed before its first request.")
     try:
+        if broker.shutting_down:
+            raise Unavailable("The emulator is shutting down.")
         _check_first(first)
         state = broker.subscription(first.subscription)
         ordered = broker.message_ordering(first.subscription)
@@ -76,7 +78,11 @@ def serve_stream(
     except EmulatorError as exc:
         context.abort(grpc.StatusCode[exc.code], str(exc))
     context.add_callback(lambda: state.close_stream(stream, "CANCELLED", "The stream ended."))
-    _apply(state, stream, first)
+    try:
+        _apply(state, stream, first)
+    except InvalidArgument as exc:
+        state.close_stream(stream, exc.code, str(exc))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     reader = threading.Thread(
         target=_read, args=(state, stream, requests), daemon=True,
         name=f"emulator-stream-reader-{next(_stream_ids)}",
@@ -116,10 +122,12 @@ def _read(state: SubscriptionState, stream: Stream, requests: Iterator[Any]) -> 
         for request in requests:
             _apply(state, stream, request)
     except InvalidArgument as exc:
-        state.close_stream(stream, "INVALID_ARGUMENT", str(exc))
+        state.close_stream(stream, exc.code, str(exc))
         return
-    except Exception as exc:  # the RPC was cancelled or the connection dropped
-        _log.debug("stream_reader_ended", reason=repr(exc))
+    except grpc.RpcError:
+        pass  # cancelled or connection lost: the termination callback has closed the stream
+    except Exception:
+        _log.exception("stream_reader_failed")
     state.close_stream(stream, "UNAVAILABLE", "The client stopped sending.")
 
 

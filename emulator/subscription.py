@@ -154,7 +154,8 @@ class SubscriptionState:
                 cond.wait(remaining)
             n, nbytes = stream.quota() if stream is not None else (max_messages, UNLIMITED)
             # Spread a backlog over every open stream rather than letting the first one drain it.
-            share = math.ceil(len(self._ready) / max(1, len(self._streams)))
+            takers = sum(1 for s in self._streams if s.wants_more())
+            share = math.ceil(len(self._ready) / max(1, takers))
             batch = self._lease(stream, min(n, share, max_messages), nbytes)
             if self._ready:
                 self._wake()
