@@ -42,7 +42,8 @@ def ours() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "emulator", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -58,9 +59,11 @@ def preload(address: str, topic: str, subscription: str, count: int, payload: in
     with grpc.insecure_channel(
         address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
     ) as channel:
+
         def call(method: str, req_type: type, resp_type: type):
             return channel.unary_unary(
-                method, request_serializer=req_type.SerializeToString,
+                method,
+                request_serializer=req_type.SerializeToString,
                 response_deserializer=resp_type.FromString,
             )
 
@@ -132,7 +135,8 @@ def drain_raw(
 
         def requests() -> Iterator[object]:
             yield _pb.StreamingPullRequest(
-                subscription=subscription, stream_ack_deadline_seconds=60,
+                subscription=subscription,
+                stream_ack_deadline_seconds=60,
                 max_outstanding_messages=max_messages,
             )
             while (ack_ids := acks.get()) is not None:
@@ -178,8 +182,11 @@ def measure(address: str, args: argparse.Namespace) -> dict[str, dict[int, float
             preload(address, topic, subscription, args.messages, args.payload)
             seconds = drain_fn(address, subscription, args.messages, streams, args.max_messages)
             rates[kind][streams] = args.messages / seconds
-            print(f"  {kind} {streams} stream(s): {rates[kind][streams]:,.0f} msg/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {kind} {streams} stream(s): {rates[kind][streams]:,.0f} msg/s",
+                file=sys.stderr,
+                flush=True,
+            )
     return rates
 
 
@@ -187,18 +194,23 @@ def _cell(rate: float | None, width: int) -> str:
     return f"{rate:>{width},.0f}" if rate else f"{'n/a':>{width}}"
 
 
-def print_table(args: argparse.Namespace, mine: dict[str, dict[int, float]],
-                theirs: dict[str, dict[int, float]]) -> None:
-    print(f"\n{args.messages:,} messages of {args.payload} B, "
-          f"flow control {args.max_messages} per stream; msg/s")
+def print_table(
+    args: argparse.Namespace, mine: dict[str, dict[int, float]], theirs: dict[str, dict[int, float]]
+) -> None:
+    print(
+        f"\n{args.messages:,} messages of {args.payload} B, "
+        f"flow control {args.max_messages} per stream; msg/s"
+    )
     print("streams | ours (client) | official (client) | ratio | ours (raw gRPC) | official (raw)")
     print("--------+---------------+-------------------+-------+-----------------+---------------")
     for streams in args.streams:
         ours, other = mine["client"][streams], theirs.get("client", {}).get(streams)
         ratio = f"{ours / other:>5.1f}" if other else f"{'n/a':>5}"
-        print(f"{streams:>7} | {_cell(ours, 13)} | {_cell(other, 17)} | {ratio} | "
-              f"{_cell(mine.get('raw', {}).get(streams), 15)} | "
-              f"{_cell(theirs.get('raw', {}).get(streams), 14)}")
+        print(
+            f"{streams:>7} | {_cell(ours, 13)} | {_cell(other, 17)} | {ratio} | "
+            f"{_cell(mine.get('raw', {}).get(streams), 15)} | "
+            f"{_cell(theirs.get('raw', {}).get(streams), 14)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
