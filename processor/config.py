@@ -91,6 +91,9 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="bind address of the metrics server")
     streams: int = Field(2, ge=1, le=32, description="streaming pulls per process")
+    callback_threads: int = Field(
+        1, ge=1, le=64, description="threads per stream running the (non-blocking) callback"
+    )
     max_messages: int = Field(
         1000, ge=1, description="flow control: messages held per stream, unacked"
     )

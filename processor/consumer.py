@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from processor.batcher import Batcher, Held
 from processor.config import ProcessorSettings
@@ -54,8 +56,16 @@ class Processor:
             max_messages=self._settings.max_messages, max_bytes=self._settings.max_bytes
         )
         for _ in range(self._settings.streams):
+            # The callback never blocks (it decodes and queues), so a couple of threads per
+            # stream keep up; the client's default of ten only adds GIL contention.
+            executor = ThreadPoolExecutor(
+                self._settings.callback_threads, thread_name_prefix="pubsub-callback"
+            )
             future = self._subscriber.subscribe(
-                self._settings.subscription_path, self._on_message, flow_control=flow
+                self._settings.subscription_path,
+                self._on_message,
+                flow_control=flow,
+                scheduler=ThreadScheduler(executor),
             )
             future.add_done_callback(self._on_stream_end)
             self._streams.append(future)

@@ -1,0 +1,349 @@
+"""End to end: how fast a backlog drains through the processor, against the client's ceiling.
+
+Preloads one topic with N scan messages fanned out to four fresh subscriptions, then drains each,
+one at a time, in a child process of its own (so peak RSS is that consumer's alone), while our
+emulator runs in another process:
+
+  (a) a subscriber that only acks, with the same streams and flow control: the ceiling;
+  (b) the processor on SQLite;      (c) the processor on PostgreSQL;
+  (d) the common design: one transaction and one ack per message inside the callback (SQLite,
+      same engine settings), timed on the first --common-count messages: it is that slow.
+
+    uv run python -m bench.e2e [--messages 200000] [--streams 2] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from google.cloud import pubsub_v1
+from rich.console import Console
+from rich.table import Table
+
+from emulator.testing import free_port, wait_until
+from processor.schema import Observation, decode, encode
+
+PROJECT = "bench"
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def emulator_process() -> Iterator[str]:
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        os.environ["PUBSUB_EMULATOR_HOST"] = address
+        publisher = pubsub_v1.PublisherClient()
+        wait_until(lambda: _answers(publisher), timeout=30, interval=0.2)
+        yield address
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+def _answers(publisher: pubsub_v1.PublisherClient) -> bool:
+    try:
+        publisher.list_topics(request={"project": f"projects/{PROJECT}"}, timeout=2)
+    except Exception:
+        return False
+    return True
+
+
+def preload(count: int, variants: list[str]) -> dict[str, str]:
+    """One topic, a subscription per variant, `count` messages over 50,000 keys."""
+    run = uuid.uuid4().hex[:8]
+    publisher = pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_messages=1000, max_latency=0.05)
+    )
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.create_topic(name=f"projects/{PROJECT}/topics/scans-{run}").name
+    subscriptions = {
+        v: subscriber.create_subscription(
+            request={
+                "name": f"projects/{PROJECT}/subscriptions/{v}-{run}",
+                "topic": topic,
+                "ack_deadline_seconds": 60,
+            }
+        ).name
+        for v in variants
+    }
+    now = int(time.time())
+    futures = []
+    for i in range(count):
+        obs = Observation(
+            f"10.{i % 50_000 >> 8 & 255}.{i % 50_000 & 255}.1",
+            443,
+            "HTTP",
+            now - i % 3600,
+            f"service response: {i % 100}",
+        )
+        futures.append(publisher.publish(topic, encode(obs, 1 + i % 2)))
+    for future in futures:
+        future.result(timeout=120)
+    return subscriptions
+
+
+# ---- children: each drains one subscription and prints one JSON line -------------------------
+
+
+def _percentiles(lags: list[float]) -> tuple[float, float]:
+    ordered = sorted(lags)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _histogram_percentiles(histogram: Any) -> tuple[float, float]:
+    """p50 and p99 from a Prometheus histogram's buckets (linear within a bucket)."""
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for metric in histogram.collect()
+        for s in metric.samples
+        if s.name.endswith("_bucket")
+    ]
+    total = buckets[-1][1]
+
+    def quantile(q: float) -> float:
+        low, below = 0.0, 0.0
+        for bound, count in buckets:
+            if count >= q * total:
+                if bound == float("inf"):
+                    return low
+                return low + (bound - low) * (q * total - below) / max(count - below, 1)
+            low, below = bound, count
+        return low
+
+    return quantile(0.5), quantile(0.99)
+
+
+def _subscribe_and_wait(
+    subscription: str,
+    callback: Any,
+    args: argparse.Namespace,
+    done: threading.Event,
+    threads: int | None = None,
+) -> tuple[float, Any]:
+    """Same streams, flow control and callback threads as the processor is given."""
+    streams, max_messages = args.streams, args.max_messages
+    threads = threads or args.callback_threads
+    subscriber = pubsub_v1.SubscriberClient()
+    flow = pubsub_v1.types.FlowControl(max_messages=max_messages)
+    started = time.perf_counter()
+    futures = [
+        subscriber.subscribe(subscription, callback, flow_control=flow) for _ in range(streams)
+    ]
+    done.wait(timeout=3600)
+    elapsed = time.perf_counter() - started
+    for future in futures:
+        future.cancel()
+    return elapsed, subscriber
+
+
+def child_ack_only(args: argparse.Namespace) -> dict[str, Any]:
+    lags: list[float] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def callback(message: Any) -> None:
+        message.ack()
+        with lock:
+            lags.append(time.time() - message.publish_time.timestamp())
+            if len(lags) >= args.count:
+                done.set()
+
+    elapsed, _ = _subscribe_and_wait(args.subscription, callback, args, done)
+    p50, p99 = _percentiles(lags)
+    return {"messages": len(lags), "seconds": elapsed, "p50": p50, "p99": p99}
+
+
+def child_processor(args: argparse.Namespace) -> dict[str, Any]:
+    from processor.app import bootstrap
+    from processor.config import ProcessorSettings
+    from processor.observability import Metrics, configure_logging
+
+    configure_logging("WARNING", "json")
+    settings = ProcessorSettings(
+        pubsub_project_id=PROJECT,
+        pubsub_subscription=args.subscription.rsplit("/", 1)[1],
+        database_url=args.database_url,
+        streams=args.streams,
+        max_messages=args.max_messages,
+        callback_threads=args.callback_threads,
+        metrics_port=0,
+    )
+    metrics = Metrics()
+    processor = bootstrap(settings, metrics)
+    started = time.perf_counter()
+    processor.start()
+    wait_until(lambda: metrics.acked._value.get() >= args.count, timeout=3600, interval=0.01)
+    elapsed = time.perf_counter() - started
+    processor.shutdown(5)
+    p50, p99 = _histogram_percentiles(metrics.lag_seconds)
+    return {"messages": int(metrics.acked._value.get()), "seconds": elapsed, "p50": p50, "p99": p99}
+
+
+def child_common(args: argparse.Namespace) -> dict[str, Any]:
+    from processor.store import Repository, migrate, open_engine
+
+    engine = open_engine(args.database_url, pool_size=20)
+    migrate(engine)
+    repository = Repository(engine)
+    lags: list[float] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def callback(message: Any) -> None:
+        try:
+            repository.upsert_many([decode(message.data)])
+        except Exception:
+            message.nack()
+            return
+        message.ack()
+        with lock:
+            lags.append(time.time() - message.publish_time.timestamp())
+            if len(lags) >= args.count:
+                done.set()
+
+    # Blocking writes in the callback need the client's default ten threads per stream.
+    elapsed, _ = _subscribe_and_wait(args.subscription, callback, args, done, threads=10)
+    p50, p99 = _percentiles(lags)
+    return {"messages": len(lags), "seconds": elapsed, "p50": p50, "p99": p99}
+
+
+CHILDREN = {"ack": child_ack_only, "processor": child_processor, "common": child_common}
+
+
+def run_child(
+    variant: str, subscription: str, count: int, database_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.e2e",
+        "--child",
+        variant,
+        "--subscription",
+        subscription,
+        "--count",
+        str(count),
+        "--database-url",
+        database_url,
+        "--streams",
+        str(args.streams),
+        "--max-messages",
+        str(args.max_messages),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith('{"messages"')]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{variant} failed: {result.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--common-count", type=int, default=10_000)
+    parser.add_argument("--streams", type=int, default=2)
+    parser.add_argument("--max-messages", type=int, default=1000, help="flow control per stream")
+    parser.add_argument("--callback-threads", type=int, default=1, help="per stream")
+    parser.add_argument("--postgres", default=os.environ.get("TEST_DATABASE_URL", DEFAULT_POSTGRES))
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--subscription", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = CHILDREN[args.child](args)
+        result["rss_mb"] = _peak_rss_mb()
+        print(json.dumps(result), flush=True)
+        os._exit(0)  # the client's threads need not be waited for
+
+    console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="mini-scan-e2e-"))
+    plan = [
+        ("a", "ack only (ceiling)", "ack", args.messages, ""),
+        ("b", "processor, SQLite", "processor", args.messages, f"sqlite:///{workdir / 'b.db'}"),
+        ("c", "processor, PostgreSQL", "processor", args.messages, args.postgres),
+        (
+            "d",
+            "one txn + ack per message, SQLite",
+            "common",
+            args.common_count,
+            f"sqlite:///{workdir / 'd.db'}",
+        ),
+    ]
+    _reset_postgres(args.postgres)
+    results: dict[str, dict[str, Any]] = {}
+    with emulator_process():
+        console.print(f"preloading {args.messages:,} messages into 4 subscriptions...")
+        subscriptions = preload(args.messages, [p[0] for p in plan])
+        for key, label, variant, count, url in plan:
+            results[key] = run_child(variant, subscriptions[key], count, url, args)
+            rate = results[key]["messages"] / results[key]["seconds"]
+            results[key]["rate"] = rate
+            console.print(f"  ({key}) {label}: {rate:,.0f} msg/s")
+
+    table = Table(
+        title=f"Draining {args.messages:,} preloaded messages, {args.streams} streams, "
+        f"flow control {args.max_messages} per stream"
+    )
+    for column in ("", "consumer", "messages", "msg/s", "peak RSS MB", "lag p50 s", "lag p99 s"):
+        table.add_column(column, justify="right")
+    for key, label, *_ in plan:
+        r = results[key]
+        table.add_row(
+            key,
+            label,
+            f"{r['messages']:,}",
+            f"{r['rate']:,.0f}",
+            f"{r['rss_mb']:.0f}",
+            f"{r['p50']:.2f}",
+            f"{r['p99']:.2f}",
+        )
+    console.print(table)
+    rate = {k: v["rate"] for k, v in results.items()}
+    console.print(
+        f"b/a = {rate['b'] / rate['a']:.0%}   c/a = {rate['c'] / rate['a']:.0%}   "
+        f"b/d = {rate['b'] / rate['d']:.1f}x"
+    )
+    return 0
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not getrusage's ru_maxrss: that one survives exec, so a child would report the
+    # parent's peak if it were larger.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_postgres(url: str) -> None:
+    from processor.store import open_engine
+
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS services")
+        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
