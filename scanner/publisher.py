@@ -20,7 +20,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher.client import PublisherClient as GapicPublisherClient
-from google.pubsub_v1.types import PublishRequest, PubsubMessage
+from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
 from scanner.generator import ScanMessage
 
@@ -133,7 +133,8 @@ class BatchPublisher:
         response = GapicPublisherClient.publish(
             self._client, request=PublishRequest.wrap(raw), timeout=_PUBLISH_TIMEOUT_S
         )
-        return response.message_ids
+        # The raw protobuf's list: proto-plus would wrap each of the 1000 ids on access.
+        return list(PublishResponse.pb(response).message_ids)
 
     def _settle(self, batch: list[ScanMessage], done: Future[Sequence[str]]) -> None:
         try:
