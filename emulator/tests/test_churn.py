@@ -57,7 +57,8 @@ def test_after_a_subscriber_is_sigkilled_its_replacement_gets_new_then_held_mess
     publish_all(publisher, topic, b"fresh")
     assert wait_until(lambda: b"fresh" in replacement.datas(), timeout=2)
     assert wait_until(lambda: b"held-by-child" in replacement.datas(), timeout=20)
-    assert replacement.received[-1].at - killed_at < 20
+    held_back_at = next(r.at for r in replacement.received if r.data == b"held-by-child")
+    assert held_back_at - killed_at > 1.0, "it waited for the lease, not for the stream to close"
 
 
 def test_dropped_streams_are_reopened_by_the_client_with_nothing_lost(
@@ -77,6 +78,20 @@ def test_dropped_streams_are_reopened_by_the_client_with_nothing_lost(
 
     assert wait_until(lambda: got.distinct() == first | second, timeout=15)
     assert wait_until(lambda: state.stream_count() == 1, timeout=5)
+
+
+def test_the_client_reopens_a_streaming_pull_refused_by_injected_faults(
+    emulator, publisher, topic, make_subscription, subscribe
+):
+    sub = make_subscription()
+    emulator.faults.fail_next("StreamingPull", n=2, code=grpc.StatusCode.UNAVAILABLE)
+    got = Collector()
+
+    subscribe(sub, got)
+    publish_all(publisher, topic, b"eventually")
+
+    assert wait_until(lambda: got.datas() == [b"eventually"], timeout=15)
+    assert emulator.faults.take("StreamingPull") is None
 
 
 def test_injected_publish_failures_can_target_one_topic(publisher, topic, emulator):

@@ -146,7 +146,7 @@ def test_pull_waits_a_bounded_time_then_answers_empty(subscriber, make_subscript
 
 
 def test_two_subscribers_share_the_messages_of_one_subscription(
-    emulator_env, publisher, topic, make_subscription, subscribe
+    emulator, emulator_env, publisher, topic, make_subscription, subscribe
 ):
     sub = make_subscription()
     other_client = pubsub_v1.SubscriberClient()
@@ -154,7 +154,8 @@ def test_two_subscribers_share_the_messages_of_one_subscription(
     subscribe(sub, first)
     other = other_client.subscribe(sub, second)
     try:
-        time.sleep(0.3)  # let both streams open; nothing to poll from the client side
+        state = emulator.broker.subscription(sub)
+        assert wait_until(lambda: state.stream_count() == 2, timeout=5)
         sent = {f"s{i}".encode() for i in range(40)}
         publish_all(publisher, topic, *sent)
 
