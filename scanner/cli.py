@@ -211,8 +211,10 @@ class _Tally:
                 self._log.write(lines)
 
     def close(self) -> None:
-        if self._log:
+        if self._log and self._log is not sys.stdout:  # `--log -` writes to stdout: leave it open
             self._log.close()
+        elif self._log:
+            self._log.flush()
 
 
 def _wall_clock() -> int:
