@@ -1,0 +1,194 @@
+"""`mini-scan dlq list | replay`: look at dead letters, and send them back for another try.
+
+`list` leases what it reads and hands it all back at the end, so nothing is consumed.
+`replay` republishes the chosen dead letters to the main topic (without the attributes the
+dead-lettering added) and acks each on the dead-letter subscription only once its republish is
+confirmed; everything else is handed back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from google.api_core import exceptions as google_exceptions
+from google.cloud import pubsub_v1
+from rich.console import Console
+from rich.table import Table
+
+from processor.config import ConfigError, PubSubSettings, add_arguments, load
+from processor.observability import excerpt
+
+# Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
+_ADDED = {"reason", "error", "source_subscription", "source_message_id", "source_publish_time"}
+_ADDED_PREFIX = "CloudPubSubDeadLetterSource"
+_LEASE_SECONDS = 600  # long enough to read a large backlog without it coming back mid-read
+
+
+def read_dead_letters(
+    subscriber: pubsub_v1.SubscriberClient, subscription: str, limit: int
+) -> list[Any]:
+    """Pull up to `limit` dead letters and keep them leased; the caller acks or hands back."""
+    received: list[Any] = []
+    while len(received) < limit:
+        response = subscriber.pull(
+            request={
+                "subscription": subscription,
+                "max_messages": min(1000, limit - len(received)),
+            },
+            timeout=30,
+        )
+        if not response.received_messages:
+            break
+        ack_ids = [m.ack_id for m in response.received_messages]
+        subscriber.modify_ack_deadline(
+            request={
+                "subscription": subscription,
+                "ack_ids": ack_ids,
+                "ack_deadline_seconds": _LEASE_SECONDS,
+            }
+        )
+        received.extend(response.received_messages)
+    return received
+
+
+def hand_back(
+    subscriber: pubsub_v1.SubscriberClient, subscription: str, ack_ids: list[str]
+) -> None:
+    for start in range(0, len(ack_ids), 1000):
+        subscriber.modify_ack_deadline(
+            request={
+                "subscription": subscription,
+                "ack_ids": ack_ids[start : start + 1000],
+                "ack_deadline_seconds": 0,
+            }
+        )
+
+
+def summarize(received: list[Any], samples: int) -> dict[str, Any]:
+    counts = Counter(m.message.attributes.get("reason", "unknown") for m in received)
+    examples: dict[str, list[dict[str, str]]] = {}
+    for m in received:
+        reason = m.message.attributes.get("reason", "unknown")
+        if len(examples.setdefault(reason, [])) < samples:
+            examples[reason].append(
+                {
+                    "message_id": m.message.message_id,
+                    "error": m.message.attributes.get("error", ""),
+                    "data": excerpt(m.message.data, 80),
+                }
+            )
+    return {"total": len(received), "by_reason": dict(counts.most_common()), "samples": examples}
+
+
+def replay(
+    subscriber: pubsub_v1.SubscriberClient,
+    publisher: pubsub_v1.PublisherClient,
+    settings: PubSubSettings,
+    received: list[Any],
+    wanted: Callable[[Any], bool],
+) -> tuple[int, int]:
+    """Republish the wanted dead letters; returns (replayed, failed). Unwanted ones are handed
+    back; a failed republish leaves its dead letter on the subscription."""
+    chosen = [m for m in received if wanted(m)]
+    hand_back(
+        subscriber,
+        settings.dead_letter_subscription_path,
+        [m.ack_id for m in received if not wanted(m)],
+    )
+    futures = []
+    for m in chosen:
+        attributes = {
+            k: v
+            for k, v in m.message.attributes.items()
+            if k not in _ADDED and not k.startswith(_ADDED_PREFIX)
+        }
+        futures.append(publisher.publish(settings.topic_path, m.message.data, **attributes))
+    confirmed, failed = [], []
+    for m, future in zip(chosen, futures, strict=True):
+        try:
+            future.result(timeout=60)
+            confirmed.append(m.ack_id)
+        except Exception:
+            failed.append(m.ack_id)
+    for start in range(0, len(confirmed), 1000):
+        subscriber.acknowledge(
+            request={
+                "subscription": settings.dead_letter_subscription_path,
+                "ack_ids": confirmed[start : start + 1000],
+            }
+        )
+    hand_back(subscriber, settings.dead_letter_subscription_path, failed)
+    return len(confirmed), len(failed)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Inspect and replay dead letters.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="counts by reason and samples; consumes nothing")
+    listing.add_argument("--samples", type=int, default=3, help="samples per reason")
+    listing.add_argument("--max", type=int, default=10_000, help="dead letters to read at most")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    again = commands.add_parser("replay", help="republish dead letters to the main topic")
+    again.add_argument("--reason", help="only those with this reason (default: all)")
+    again.add_argument("--limit", type=int, default=1000, help="replay at most this many")
+    for sub in (listing, again):
+        add_arguments(sub, PubSubSettings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load(PubSubSettings, args)
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    settings.apply_emulator_host()
+    subscriber = pubsub_v1.SubscriberClient()
+    subscription = settings.dead_letter_subscription_path
+    try:
+        if args.command == "list":
+            received = read_dead_letters(subscriber, subscription, args.max)
+            hand_back(subscriber, subscription, [m.ack_id for m in received])
+            _print_summary(summarize(received, args.samples), args.json)
+            return 0
+        received = read_dead_letters(subscriber, subscription, args.limit)
+        replayed, failed = replay(
+            subscriber,
+            pubsub_v1.PublisherClient(),
+            settings,
+            received,
+            lambda m: args.reason is None or m.message.attributes.get("reason") == args.reason,
+        )
+        print(f"replayed {replayed} dead letter(s) to {settings.topic_path}; {failed} failed")
+        return 0 if not failed else 1
+    except google_exceptions.GoogleAPIError as exc:
+        print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    finally:
+        subscriber.close()
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"{summary['total']} dead letter(s)")
+    for column in ("reason", "count", "sample message id", "error", "data"):
+        table.add_column(column)
+    for reason, count in summary["by_reason"].items():
+        for i, sample in enumerate(summary["samples"][reason]):
+            table.add_row(
+                reason if i == 0 else "",
+                str(count) if i == 0 else "",
+                sample["message_id"],
+                sample["error"],
+                sample["data"],
+            )
+    Console().print(table)

@@ -1,0 +1,80 @@
+"""`mini-scan dlq list` and `replay` against dead letters on a real emulator."""
+
+from __future__ import annotations
+
+import json
+
+from google.cloud import pubsub_v1
+
+from processor.dlq import main
+
+
+def seed_dead_letters(pipeline, letters: list[tuple[bytes, str]]) -> None:
+    publisher = pubsub_v1.PublisherClient()
+    futures = [
+        publisher.publish(
+            pipeline.settings.dead_letter_topic_path,
+            data,
+            reason=reason,
+            error="why",
+            source_message_id="1",
+            origin="scanner-7",
+        )
+        for data, reason in letters
+    ]
+    for future in futures:
+        future.result(timeout=10)
+
+
+def names(pipeline) -> list[str]:
+    s = pipeline.settings
+    return [
+        "--pubsub-topic",
+        s.pubsub_topic,
+        "--pubsub-subscription",
+        s.pubsub_subscription,
+        "--pubsub-dead-letter-topic",
+        s.pubsub_dead_letter_topic,
+        "--pubsub-dead-letter-subscription",
+        s.pubsub_dead_letter_subscription,
+    ]
+
+
+def listed(pipeline, capsys) -> dict:
+    capsys.readouterr()  # drop what set-up logged
+    assert main(["list", "--json", *names(pipeline)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_list_counts_by_reason_and_consumes_nothing(emulator_host, make_pipeline, capsys):
+    pipeline = make_pipeline()
+    seed_dead_letters(pipeline, [(b"x", "invalid_json")] * 3 + [(b"{}", "invalid_schema")])
+
+    first = listed(pipeline, capsys)
+    second = listed(pipeline, capsys)
+
+    assert first["by_reason"] == {"invalid_json": 3, "invalid_schema": 1}
+    assert second["by_reason"] == first["by_reason"]
+    assert first["samples"]["invalid_schema"][0]["data"] == "{}"
+
+
+def test_replay_republishes_one_reason_and_removes_only_those(emulator_host, make_pipeline, capsys):
+    pipeline = make_pipeline()
+    seed_dead_letters(
+        pipeline,
+        [(b"port-1", "invalid_port"), (b"port-2", "invalid_port"), (b"junk", "invalid_json")],
+    )
+
+    capsys.readouterr()
+    assert main(["replay", "--reason", "invalid_port", *names(pipeline)]) == 0
+    assert "replayed 2" in capsys.readouterr().out
+
+    subscriber = pubsub_v1.SubscriberClient()
+    response = subscriber.pull(
+        subscription=pipeline.settings.subscription_path, max_messages=10, timeout=10
+    )
+    replayed = sorted(m.message.data for m in response.received_messages)
+    assert replayed == [b"port-1", b"port-2"]
+    attributes = response.received_messages[0].message.attributes
+    assert dict(attributes) == {"origin": "scanner-7"}  # dead-lettering's attributes stripped
+    assert listed(pipeline, capsys)["by_reason"] == {"invalid_json": 1}
