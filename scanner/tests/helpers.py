@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
+import pytest
 from google.cloud import pubsub_v1
 
+from emulator import Emulator
 from emulator.testing import wait_until
 
 PROJECT = "scanner-test"
@@ -45,3 +48,16 @@ def pull_all(subscription: str, expected: int, timeout: float = 30.0) -> dict[st
     finally:
         subscriber.close()
     return received
+
+
+def make_stream(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Stream:
+    """A fresh topic with a subscription, and PUBSUB_EMULATOR_HOST pointing at the emulator."""
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator.address)
+    name = f"scan-{uuid.uuid4().hex[:12]}"
+    topic = f"projects/{PROJECT}/topics/{name}"
+    subscription = f"projects/{PROJECT}/subscriptions/{name}"
+    pubsub_v1.PublisherClient().create_topic(name=topic)
+    subscriber = pubsub_v1.SubscriberClient()
+    subscriber.create_subscription(name=subscription, topic=topic, ack_deadline_seconds=60)
+    subscriber.close()
+    return Stream(emulator.address, name, subscription)

@@ -14,7 +14,7 @@ import pytest
 from emulator.testing import wait_until
 from processor.schema import Rejection, decode
 from scanner.cli import main
-from scanner.tests.helpers import PROJECT, Stream, pull_all
+from scanner.tests.helpers import PROJECT, Stream, make_stream, pull_all
 
 
 def read_log(path: Path) -> list[dict]:
@@ -125,3 +125,20 @@ def test_a_bad_flag_value_is_one_line_and_exit_2(flags, capsys) -> None:
 
     assert exited.value.code == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_two_runs_with_one_seed_and_base_timestamp_publish_the_same_bytes(
+    emulator, monkeypatch, tmp_path
+) -> None:
+    published = []
+    for run in ("first", "second"):
+        stream = make_stream(emulator, monkeypatch)
+        log = tmp_path / f"{run}.jsonl"
+        argv = ["--count", "300", "--rate", "0", "--seed", "3", "--base-timestamp", "1700000000"]
+        argv += ["--keys", "10", "--duplicates", "0.2", "--malformed", "0.2", "--log", str(log)]
+        assert main([*argv, *stream.flags]) == 0
+        received = pull_all(stream.subscription, expected=300)
+        by_seq = {line["seq"]: received[line["message_id"]] for line in read_log(log)}
+        published.append([by_seq[seq] for seq in range(300)])
+
+    assert published[0] == published[1]
