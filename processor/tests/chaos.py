@@ -1,0 +1,263 @@
+"""Helpers for the chaos, fault and hostile-input tests: a seeded workload with its oracle,
+database outages (SQLite write lock, PostgreSQL connections cut at a proxy), dead-letter pulls."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from google.cloud import pubsub_v1
+
+from emulator.testing import wait_until
+from processor.schema import Observation, Reason
+from processor.store import Repository, open_engine
+from processor.tests.oracle import Row, expected_rows, stored_rows
+from processor.tests.tcpproxy import TcpProxy
+from scanner.generator import Kind, Mix, ScanGenerator, ScanMessage
+
+# --- the workload ---------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """Messages to publish, and once published, which message id carried which message."""
+
+    messages: list[ScanMessage]
+    published: dict[str, ScanMessage] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def observations(self) -> list[Observation]:
+        return [m.observation for m in self.messages if m.observation is not None]
+
+    @property
+    def malformed(self) -> list[ScanMessage]:
+        return [m for m in self.messages if m.kind is Kind.MALFORMED]
+
+    def expected_rows(self) -> list[Row]:
+        return expected_rows(self.observations)
+
+    def record(self, messages: Sequence[ScanMessage], ids: Sequence[str]) -> None:
+        with self._lock:
+            self.published.update(zip(ids, messages, strict=True))
+
+    def expected_dead_letters(self) -> dict[str, str]:
+        """message id -> the reason its dead letter must carry."""
+        with self._lock:
+            return {
+                message_id: str(m.reason)
+                for message_id, m in self.published.items()
+                if m.reason is not None
+            }
+
+
+def scan_workload(
+    seed: int,
+    count: int,
+    keys: int,
+    *,
+    duplicates: float = 0.3,
+    out_of_order: float = 0.2,
+    malformed: float = 0.03,
+    start: int | None = None,
+) -> Workload:
+    """`count` messages from the scanner's own generator, shuffled with `seed`.
+
+    The clock advances one second per message (so fresh scans do supersede older ones), the
+    generator's out-of-order share is stamped up to a day earlier, and the shuffle then puts
+    every timestamp out of publish order.
+    """
+    import random
+
+    clock = itertools.count(start if start is not None else int(time.time()) - count)
+    mix = Mix(duplicates=duplicates, out_of_order=out_of_order, malformed=malformed)
+    generator = ScanGenerator(lambda: next(clock), seed=seed, keys=keys, mix=mix)
+    messages = [generator.next() for _ in range(count)]
+    random.Random(seed).shuffle(messages)
+    return Workload(messages)
+
+
+def publish_paced(
+    publisher: pubsub_v1.PublisherClient,
+    topic_path: str,
+    workload: Workload,
+    seconds: float,
+    chunk: int = 500,
+) -> threading.Thread:
+    """Publish the workload in chunks spread over about `seconds`, in a thread; join it to wait
+    until every publish is confirmed."""
+    chunks = [workload.messages[i : i + chunk] for i in range(0, len(workload.messages), chunk)]
+    pause = seconds / max(1, len(chunks))
+
+    def run() -> None:
+        for part in chunks:
+            started = time.monotonic()
+            futures = [publisher.publish(topic_path, m.data) for m in part]
+            workload.record(part, [f.result(timeout=60) for f in futures])
+            time.sleep(max(0.0, pause - (time.monotonic() - started)))  # pacing, not a wait
+
+    thread = threading.Thread(target=run, name="chaos-publisher", daemon=True)
+    thread.start()
+    return thread
+
+
+# --- database outages -----------------------------------------------------------------------
+
+
+class SqliteWriteLock:
+    """Makes a SQLite database unwritable for a while: another connection holds the write lock
+    (`BEGIN IMMEDIATE`), as a long migration or a backup would."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._connection: sqlite3.Connection | None = None
+
+    def begin(self) -> None:
+        # Opened on first use: connecting first would create the file before the processors
+        # do, in rollback-journal mode rather than WAL.
+        if self._connection is None:
+            self._connection = sqlite3.connect(
+                self._path, timeout=60, isolation_level=None, check_same_thread=False
+            )
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def end(self) -> None:
+        assert self._connection is not None
+        self._connection.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
+class ProxyCut:
+    """Makes a database unreachable for a while: every connection through the proxy is cut and
+    new ones are refused."""
+
+    def __init__(self, proxy: TcpProxy) -> None:
+        self._proxy = proxy
+
+    def begin(self) -> None:
+        self._proxy.cut()
+
+    def end(self) -> None:
+        self._proxy.restore()
+
+    def close(self) -> None:
+        self._proxy.restore()
+
+
+def proxied_url(url: str, proxy_address: str) -> str:
+    """The same PostgreSQL URL, reached through the proxy."""
+    parsed = sa.make_url(url)
+    host, port = proxy_address.rsplit(":", 1)
+    return parsed.set(host=host, port=int(port)).render_as_string(hide_password=False)
+
+
+def database_address(url: str) -> tuple[str, int]:
+    parsed = sa.make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
+@contextlib.contextmanager
+def repository(url: str) -> Iterator[Repository]:
+    repo = Repository(open_engine(url))
+    try:
+        yield repo
+    finally:
+        repo.engine.dispose()
+
+
+def table_rows(url: str) -> list[Row]:
+    """The `services` table in the oracle's shape; empty before the first migration."""
+    with repository(url) as repo:
+        try:
+            return stored_rows(repo.rows())
+        except sa.exc.SQLAlchemyError:
+            return []
+
+
+def reaches(url: str, expected: list[Row], timeout: float) -> bool:
+    return wait_until(lambda: table_rows(url) == expected, timeout=timeout, interval=0.5)
+
+
+def describe_difference(url: str, expected: list[Row]) -> str:
+    """A short account of how the table differs from the oracle, for assertion messages."""
+    stored = table_rows(url)
+    by_key = {row[:3]: row for row in stored}
+    want = {row[:3]: row for row in expected}
+    missing = [k for k in want if k not in by_key]
+    extra = [k for k in by_key if k not in want]
+    wrong = [(want[k], by_key[k]) for k in want if k in by_key and want[k] != by_key[k]]
+    return (
+        f"{len(stored)} rows vs {len(expected)} expected; missing {len(missing)} {missing[:3]}, "
+        f"extra {len(extra)} {extra[:3]}, different {len(wrong)} {wrong[:2]}"
+    )
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+def pull_dead_letters(
+    subscription_path: str,
+    done: Callable[[list[Any]], bool],
+    timeout: float,
+    settle: float = 2.0,
+) -> list[Any]:
+    """Pull (and ack) dead letters until `done(received)` or `timeout`; then keep pulling for
+    `settle` seconds, so that anything unexpected arriving behind them is seen too."""
+    subscriber = pubsub_v1.SubscriberClient()
+    received: list[Any] = []
+
+    def pull() -> None:
+        response = subscriber.pull(subscription=subscription_path, max_messages=1000, timeout=5)
+        if response.received_messages:
+            subscriber.acknowledge(
+                subscription=subscription_path,
+                ack_ids=[m.ack_id for m in response.received_messages],
+            )
+            received.extend(m.message for m in response.received_messages)
+
+    def pulled_enough() -> bool:
+        pull()
+        return done(received)
+
+    try:
+        wait_until(pulled_enough, timeout=timeout, interval=0.0)
+        wait_until(lambda: pull() and False, timeout=settle, interval=0.0)
+    finally:
+        subscriber.close()
+    return received
+
+
+def reasons_by_source(letters: list[Any]) -> dict[str, set[str]]:
+    """source message id -> every reason it was dead-lettered with (normally one)."""
+    found: dict[str, set[str]] = {}
+    for letter in letters:
+        source = letter.attributes.get("source_message_id", f"<no source: {letter.message_id}>")
+        found.setdefault(source, set()).add(letter.attributes.get("reason", "<no reason>"))
+    return found
+
+
+def covers(expected: dict[str, str]) -> Callable[[list[Any]], bool]:
+    """`done` for `pull_dead_letters`: every expected source message id has arrived."""
+    return lambda letters: set(expected) <= set(reasons_by_source(letters))
+
+
+def unexpected_letters(letters: list[Any], expected: dict[str, str]) -> dict[str, set[str]]:
+    """Dead letters that are not the expected message with its expected reason."""
+    return {
+        source: reasons
+        for source, reasons in reasons_by_source(letters).items()
+        if source not in expected or reasons != {expected[source]}
+    }
+
+
+STORAGE_REJECTED = str(Reason.STORAGE_REJECTED)
