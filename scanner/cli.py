@@ -22,7 +22,6 @@ from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
 from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic
 
 _log = structlog.get_logger("scanner")
-_PROGRESS_EVERY_S = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--rate", type=_at_least(0, float), default=1.0, help="messages/s; 0: as fast as possible")
     add("--count", type=_at_least(1), default=None, help="stop after N (default: until a signal)")
+    add(
+        "--progress-every",
+        type=_at_least(0.1, float),
+        default=5.0,
+        metavar="SECONDS",
+        help="a progress log line this often (5)",
+    )
     add("--seed", type=int, default=None, help="same seed, same messages (but for timestamps)")
     add(
         "--base-timestamp",
@@ -136,7 +142,7 @@ def _run(settings: PubSubSettings, generator: ScanGenerator, args: argparse.Name
     with _stop_on_signals() as stop:
         started = time.monotonic()
         try:
-            _produce(generator, publisher, tally, args.rate, args.count, stop)
+            _produce(generator, publisher, tally, args, stop)
         finally:
             publisher.close()
             tally.close()
@@ -163,10 +169,10 @@ def _produce(
     generator: ScanGenerator,
     publisher: BatchPublisher,
     tally: _Tally,
-    rate: float,
-    count: int | None,
+    args: argparse.Namespace,
     stop: threading.Event,
 ) -> None:
+    rate, count = args.rate, args.count
     interval = 1.0 / rate if rate > 0 else 0.0
     started = next_progress = time.monotonic()
     sent = 0
@@ -180,7 +186,7 @@ def _produce(
         sent += 1
         if sent % 256 == 0 or interval:
             current = time.monotonic()
-            if current >= next_progress + _PROGRESS_EVERY_S:
+            if current >= next_progress + args.progress_every:
                 next_progress = current
                 rate_now = round(sent / (current - started))
                 _log.info("scanner_progress", sent=sent, confirmed=tally.total, rate=rate_now)

@@ -1,0 +1,274 @@
+"""`mini-scan up`: the whole pipeline on one machine with nothing but Python.
+
+Uses PUBSUB_EMULATOR_HOST if set, otherwise starts the project's emulator in-process; creates
+the topics and subscriptions; runs the scanner and N processors as child processes (logs in
+data/logs/); shows a live view; on Ctrl-C (or SIGTERM, or --duration) stops the scanner, then
+the processors (each flushes and acks what it holds), and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from emulator import Emulator
+from emulator.testing import free_port
+from processor.config import (
+    ConfigError,
+    DatabaseSettings,
+    PubSubSettings,
+    SetupSettings,
+    add_arguments,
+    load,
+)
+from processor.observability import redact_url
+from processor.query import QueryError, read_engine
+from processor.setup import ensure_resources
+
+_CHILD_GRACE = 15.0  # a processor's own grace is 10 s
+
+
+class UpSettings(PubSubSettings, DatabaseSettings):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    metrics_port: int | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    rate: float = 0.0
+
+    @property
+    def state(self) -> str:
+        code = self.process.poll()
+        if code is not None:
+            return f"exited {code}"
+        return "ready" if self.stats.get("mini_scan_ready") == 1 else "starting"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run emulator, setup, scanner and processors.")
+    parser.add_argument("--processors", type=int, default=2, help="processor processes (2)")
+    parser.add_argument("--rate", type=float, default=100.0, help="scanner messages/s (100)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    parser.add_argument("--logs", type=Path, default=Path("data/logs"), help="child logs here")
+    add_arguments(parser, UpSettings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load(UpSettings, args)
+        if args.processors < 1 or args.rate < 0:
+            raise ConfigError("--processors must be at least 1 and --rate not negative")
+    except ConfigError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console = Console()
+    with contextlib.ExitStack() as stack:
+        host = settings.pubsub_emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
+        if not host:
+            emulator = Emulator(port=0).start()
+            stack.callback(emulator.stop)
+            host = emulator.address
+        os.environ["PUBSUB_EMULATOR_HOST"] = host
+        ensure_resources(
+            SetupSettings(**settings.model_dump(include=set(PubSubSettings.model_fields)))
+        )
+        args.logs.mkdir(parents=True, exist_ok=True)
+        env = os.environ | _environment(settings, host)
+        children = [
+            _spawn(
+                "scanner",
+                ["scanner", "--rate", str(args.rate), "--progress-every", "1"],
+                env,
+                args.logs,
+            )
+        ]
+        children += [
+            _spawn(f"processor-{i + 1}", ["processor"], env, args.logs, metrics_port=free_port())
+            for i in range(args.processors)
+        ]
+        stack.callback(_stop_children, children)
+        started = time.monotonic()
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            view = _View(settings, host, children, args.logs)
+            while not stop.wait(0.5):
+                live.update(view.render(time.monotonic() - started))
+                if args.duration and time.monotonic() - started >= args.duration:
+                    break
+                if any(c.process.poll() is not None for c in children):
+                    break
+            live.update(view.render(time.monotonic() - started, stopping=True))
+        codes = _stop_children(children)
+        console.print(view.summary(time.monotonic() - started, codes))
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+def _environment(settings: UpSettings, host: str) -> dict[str, str]:
+    names = set(PubSubSettings.model_fields) | set(DatabaseSettings.model_fields)
+    values = {
+        k.upper(): str(v) for k, v in settings.model_dump(include=names).items() if v is not None
+    }
+    return values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
+
+
+def _spawn(
+    name: str, module: list[str], env: dict[str, str], logs: Path, metrics_port: int | None = None
+) -> Child:
+    log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its life
+    child_env = env | ({"METRICS_PORT": str(metrics_port)} if metrics_port else {})
+    process = subprocess.Popen(
+        [sys.executable, "-m", *module],
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches us only: we stop the children in order
+    )
+    log.close()
+    return Child(name, process, metrics_port)
+
+
+def _stop_children(children: list[Child]) -> dict[str, int]:
+    """Scanner first, then processors (each flushes what it holds); kill what outlives the grace."""
+    codes: dict[str, int] = {}
+    for group in (
+        [c for c in children if c.metrics_port is None],
+        [c for c in children if c.metrics_port],
+    ):
+        for child in group:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _CHILD_GRACE
+        for child in group:
+            try:
+                codes[child.name] = child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                codes[child.name] = child.process.wait()
+    return codes
+
+
+class _View:
+    def __init__(self, settings: UpSettings, host: str, children: list[Child], logs: Path) -> None:
+        self._settings, self._host, self._children = settings, host, children
+        self._scanner_log = logs / f"{children[0].name}.log"
+        self._published = self._rows = 0
+        self._checked_at = time.monotonic()
+        self._reader: sa.Engine | None = None
+
+    def render(self, elapsed: float, stopping: bool = False) -> Group:
+        now = time.monotonic()
+        interval = max(now - self._checked_at, 1e-3)
+        for child in self._children:
+            if child.metrics_port:
+                before = child.stats.get("mini_scan_messages_acked_total", 0.0)
+                child.stats = _scrape(child.metrics_port) or child.stats
+                child.rate = (
+                    child.stats.get("mini_scan_messages_acked_total", 0.0) - before
+                ) / interval
+        self._checked_at = now
+        processed = self._total("mini_scan_messages_acked_total")
+        dead = self._total("mini_scan_messages_dead_lettered_total")
+        self._published = max(self._published, _scanner_confirmed(self._scanner_log))
+        self._rows = self._count_rows()
+        totals = Table.grid(padding=(0, 3))
+        for column in ("published", "processed", "rate msg/s", "backlog", "rows", "dead-lettered"):
+            totals.add_column(column, justify="right")
+        totals.add_row("published", "processed", "rate msg/s", "backlog", "rows", "dead-lettered")
+        totals.add_row(
+            f"{self._published:,}",
+            f"{processed:,.0f}",
+            f"{sum(c.rate for c in self._children):,.0f}",
+            f"{max(0, self._published - processed):,.0f}",
+            f"{self._rows:,}",
+            f"{dead:,.0f}",
+        )
+        per = Table(title=None, expand=False)
+        for column in ("processor", "pid", "state", "acked", "msg/s", "held", "database"):
+            per.add_column(column, justify="right")
+        for child in self._children[1:]:
+            s = child.stats
+            per.add_row(
+                child.name,
+                str(child.process.pid),
+                child.state,
+                f"{s.get('mini_scan_messages_acked_total', 0):,.0f}",
+                f"{child.rate:,.0f}",
+                f"{s.get('mini_scan_messages_held', 0):,.0f}",
+                "up" if s.get("mini_scan_database_up", 1) == 1 else "DOWN",
+            )
+        header = (
+            f"mini-scan up  ·  emulator {self._host}  ·  {redact_url(self._settings.database_url)}"
+            f"  ·  {elapsed:,.0f}s  ·  " + ("stopping..." if stopping else "Ctrl-C to stop")
+        )
+        return Group(header, totals, per)
+
+    def summary(self, elapsed: float, codes: dict[str, int]) -> str:
+        processed = self._total("mini_scan_messages_acked_total")
+        rows = self._count_rows()
+        exits = ", ".join(f"{name}={code}" for name, code in codes.items())
+        return (
+            f"stopped after {elapsed:,.0f}s: published {self._published:,}, processed "
+            f"{processed:,.0f}, {rows:,} rows in {redact_url(self._settings.database_url)}; "
+            f"exit codes: {exits}"
+        )
+
+    def _total(self, name: str) -> float:
+        return sum(c.stats.get(name, 0.0) for c in self._children)
+
+    def _count_rows(self) -> int:
+        try:
+            if self._reader is None:  # the database file appears with the first processor
+                self._reader = read_engine(self._settings.database_url)
+            with self._reader.connect() as connection:
+                count = connection.execute(sa.text("SELECT count(*) FROM services")).scalar_one()
+            return int(count)
+        except (QueryError, sa.exc.SQLAlchemyError):
+            return self._rows
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Metric samples from a processor's /metrics (labels summed), or {} if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            body = response.read().decode()
+    except OSError:
+        return {}
+    samples: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[1]
+            samples[name] = samples.get(name, 0.0) + float(value)
+    return samples
+
+
+def _scanner_confirmed(log: Path) -> int:
+    """The scanner's latest confirmed count, from its JSON log lines."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in reversed(log.read_text(errors="replace").splitlines()[-20:]):
+            if line.startswith("{") and "confirmed" in line:
+                return int(json.loads(line)["confirmed"])
+    return 0
