@@ -83,8 +83,12 @@ def _unary(faults: Faults, name: str, body: Callable[[Any], Any]) -> Callable[..
 
 def _streaming(broker: Broker, faults: Faults, registry: StreamRegistry) -> Callable[..., Any]:
     def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        _apply_fault(faults, "StreamingPull", None, context)
-        return serve_stream(broker, registry, requests, context)
+        # Faults strike after the first request is read, as a real server failure would: failing
+        # before it makes the client see the error twice (send and receive side) and reopen twice.
+        return serve_stream(
+            broker, registry, requests, context,
+            on_first=lambda first: _apply_fault(faults, "StreamingPull", first, context),
+        )
 
     return handle
 

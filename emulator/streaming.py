@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -59,12 +59,17 @@ def _check_first(first: Any) -> None:
 
 
 def serve_stream(
-    broker: Broker, registry: StreamRegistry, requests: Iterator[Any], context: grpc.ServicerContext
+    broker: Broker,
+    registry: StreamRegistry,
+    requests: Iterator[Any],
+    context: grpc.ServicerContext,
+    on_first: Callable[[Any], None] = lambda _first: None,
 ) -> Iterator[Any]:
     """The StreamingPull handler body; never ends with OK, which the client treats as fatal."""
     first = next(requests, None)
     if first is None:
         context.abort(grpc.StatusCode.UNAVAILABLE, "The stream closed before its first request.")
+    on_first(first)
     try:
         if broker.shutting_down:
             raise Unavailable("The emulator is shutting down.")
@@ -139,6 +144,8 @@ def _apply(state: SubscriptionState, stream: Stream, request: Any) -> None:
             raise InvalidArgument(
                 "modify_deadline_ack_ids and modify_deadline_seconds must have the same length."
             )
+        if any(not 0 <= seconds <= 600 for seconds in request.modify_deadline_seconds):
+            raise InvalidArgument("modify_deadline_seconds must be between 0 and 600 seconds.")
         by_seconds: defaultdict[int, list[str]] = defaultdict(list)
         for ack_id, seconds in zip(
             request.modify_deadline_ack_ids, request.modify_deadline_seconds, strict=True
@@ -147,4 +154,6 @@ def _apply(state: SubscriptionState, stream: Stream, request: Any) -> None:
         for seconds, ack_ids in by_seconds.items():
             state.modify_deadline(ack_ids, seconds)
     if request.stream_ack_deadline_seconds:
+        if not 10 <= request.stream_ack_deadline_seconds <= 600:
+            raise InvalidArgument("stream_ack_deadline_seconds must be between 10 and 600 seconds.")
         state.set_stream_deadline(stream, request.stream_ack_deadline_seconds)
