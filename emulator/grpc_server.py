@@ -33,26 +33,25 @@ _SERVER_OPTIONS = [
 ]
 
 
+# RPC name -> request type; each RPC's body is the same-named method of `Service`.
 _PUBLISHER = {
-    "CreateTopic": (_pb.Topic, _pb.Topic),
-    "UpdateTopic": (_pb.UpdateTopicRequest, _pb.Topic),
-    "Publish": (_pb.PublishRequest, _pb.PublishResponse),
-    "GetTopic": (_pb.GetTopicRequest, _pb.Topic),
-    "ListTopics": (_pb.ListTopicsRequest, _pb.ListTopicsResponse),
-    "ListTopicSubscriptions": (
-        _pb.ListTopicSubscriptionsRequest, _pb.ListTopicSubscriptionsResponse,
-    ),
-    "DeleteTopic": (_pb.DeleteTopicRequest, _pb.Empty),
+    "CreateTopic": _pb.Topic,
+    "UpdateTopic": _pb.UpdateTopicRequest,
+    "Publish": _pb.PublishRequest,
+    "GetTopic": _pb.GetTopicRequest,
+    "ListTopics": _pb.ListTopicsRequest,
+    "ListTopicSubscriptions": _pb.ListTopicSubscriptionsRequest,
+    "DeleteTopic": _pb.DeleteTopicRequest,
 }
 _SUBSCRIBER = {
-    "CreateSubscription": (_pb.Subscription, _pb.Subscription),
-    "GetSubscription": (_pb.GetSubscriptionRequest, _pb.Subscription),
-    "UpdateSubscription": (_pb.UpdateSubscriptionRequest, _pb.Subscription),
-    "ListSubscriptions": (_pb.ListSubscriptionsRequest, _pb.ListSubscriptionsResponse),
-    "DeleteSubscription": (_pb.DeleteSubscriptionRequest, _pb.Empty),
-    "ModifyAckDeadline": (_pb.ModifyAckDeadlineRequest, _pb.Empty),
-    "Acknowledge": (_pb.AcknowledgeRequest, _pb.Empty),
-    "Pull": (_pb.PullRequest, _pb.PullResponse),
+    "CreateSubscription": _pb.Subscription,
+    "GetSubscription": _pb.GetSubscriptionRequest,
+    "UpdateSubscription": _pb.UpdateSubscriptionRequest,
+    "ListSubscriptions": _pb.ListSubscriptionsRequest,
+    "DeleteSubscription": _pb.DeleteSubscriptionRequest,
+    "ModifyAckDeadline": _pb.ModifyAckDeadlineRequest,
+    "Acknowledge": _pb.AcknowledgeRequest,
+    "Pull": _pb.PullRequest,
 }
 
 
@@ -94,7 +93,7 @@ def _streaming(broker: Broker, faults: Faults, registry: StreamRegistry) -> Call
 
 
 def _unary_handlers(
-    table: dict[str, tuple[Any, Any]], handlers: Service, faults: Faults
+    table: dict[str, Any], handlers: Service, faults: Faults
 ) -> dict[str, grpc.RpcMethodHandler]:
     return {
         method: grpc.unary_unary_rpc_method_handler(
@@ -102,7 +101,7 @@ def _unary_handlers(
             request_deserializer=req.FromString,
             response_serializer=_serialize,
         )
-        for method, (req, _resp) in table.items()
+        for method, req in table.items()
     }
 
 
