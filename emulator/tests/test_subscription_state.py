@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,3 +109,17 @@ def test_a_stale_ack_id_neither_acks_nor_disturbs_the_current_delivery():
     assert state.backlog() == (0, 1)
     state.acknowledge([second])
     assert state.backlog() == (0, 0)
+
+
+def test_messages_older_than_the_retention_are_dropped_not_delivered():
+    state = _state(retention=600.0)
+    [old] = _messages(1)
+    state.enqueue([StoredMessage(old.pb, old.size, time.time() - 601, "")])
+    state.enqueue(_messages(1))
+    assert state.backlog() == (2, 0)
+
+    state.purge_expired()
+
+    assert state.backlog() == (1, 0)
+    [(_, msg, _)] = state.take(None, 10, 0.0)
+    assert msg.message_id != old.pb.message_id
