@@ -61,7 +61,7 @@ class Workload:
 def scan_workload(
     seed: int,
     count: int,
-    keys: int,
+    keys: int | None,
     *,
     duplicates: float = 0.3,
     out_of_order: float = 0.2,

@@ -39,7 +39,7 @@ from scanner.malformed import MALFORMED_REASONS
 MESSAGES = 20_000
 KEYS = 300
 PROCESSORS = 3
-PUBLISH_SECONDS = 30  # the chaos lasts as long as the publishing
+PUBLISH_SECONDS = 20  # the chaos lasts as long as the publishing
 # A SIGKILLed processor's leases run out before its messages come back (the client's stream ack
 # deadline, 10-60 s), and kills keep coming until publishing ends: a generous deadline.
 CONVERGE_TIMEOUT = 150
