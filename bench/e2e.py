@@ -15,7 +15,6 @@ emulator runs in another process:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -24,7 +23,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,38 +30,11 @@ from google.cloud import pubsub_v1
 from rich.console import Console
 from rich.table import Table
 
-from emulator.testing import free_port, wait_until
+from emulator.testing import emulator_process, wait_until
 from processor.schema import Observation, decode, encode
 
 PROJECT = "bench"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@contextlib.contextmanager
-def emulator_process() -> Iterator[str]:
-    port = free_port()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        address = f"127.0.0.1:{port}"
-        os.environ["PUBSUB_EMULATOR_HOST"] = address
-        publisher = pubsub_v1.PublisherClient()
-        wait_until(lambda: _answers(publisher), timeout=30, interval=0.2)
-        yield address
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
-
-
-def _answers(publisher: pubsub_v1.PublisherClient) -> bool:
-    try:
-        publisher.list_topics(request={"project": f"projects/{PROJECT}"}, timeout=2)
-    except Exception:
-        return False
-    return True
 
 
 def preload(count: int, variants: list[str]) -> dict[str, str]:
@@ -291,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     _reset_postgres(args.postgres)
     results: dict[str, dict[str, Any]] = {}
-    with emulator_process():
+    with emulator_process() as address:
+        os.environ["PUBSUB_EMULATOR_HOST"] = address
         console.print(f"preloading {args.messages:,} messages into 4 subscriptions...")
         subscriptions = preload(args.messages, [p[0] for p in plan])
         for key, label, variant, count, url in plan:

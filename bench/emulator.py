@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import queue
-import subprocess
 import threading
 import time
 import uuid
@@ -32,27 +31,14 @@ import grpc
 from google.cloud import pubsub_v1
 
 from emulator import _pb
-from emulator.testing import OfficialEmulatorUnavailable, free_port, official_emulator, wait_until
+from emulator.testing import (
+    OfficialEmulatorUnavailable,
+    emulator_process,
+    official_emulator,
+    wait_until,
+)
 
 PROJECT = "bench"
-
-
-@contextlib.contextmanager
-def ours() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        grpc.channel_ready_future(channel).result(timeout=30)
-        channel.close()
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def preload(address: str, topic: str, subscription: str, count: int, payload: int) -> None:
@@ -224,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print("ours:", file=sys.stderr)
-    with ours() as address:
+    with emulator_process() as address:
         mine = measure(address, args)
     theirs: dict[str, dict[int, float]] = {}
     if not args.no_official:

@@ -18,47 +18,21 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import contextlib
 import os
 import resource
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1 import types
 
-from emulator.testing import free_port, wait_until
+from emulator.testing import emulator_process
 from processor.schema import Observation, encode
 from scanner.cli import main as scanner_main
 
 PROJECT = "bench"
-
-
-@contextlib.contextmanager
-def emulator_process() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        if not wait_until(lambda: _listening(port), timeout=30):
-            raise RuntimeError("the emulator did not start")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-        return True
-    return False
 
 
 def topic_with_subscription() -> tuple[str, str]:

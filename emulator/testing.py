@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -68,8 +69,14 @@ def official_emulator(startup_timeout: float = 60.0) -> Iterator[str]:
         # A session of its own, so the launcher script and its JVM go down together.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            if not wait_until(lambda: _port_open(host, port) or proc.poll() is not None,
-                              timeout=startup_timeout, interval=0.2) or proc.poll() is not None:
+            if (
+                not wait_until(
+                    lambda: _port_open(host, port) or proc.poll() is not None,
+                    timeout=startup_timeout,
+                    interval=0.2,
+                )
+                or proc.poll() is not None
+            ):
                 raise OfficialEmulatorUnavailable(
                     f"Google's emulator did not start: {Path(log.name).read_text()[-500:]}"
                 )
@@ -79,3 +86,22 @@ def official_emulator(startup_timeout: float = 60.0) -> Iterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             log.close()
+
+
+@contextlib.contextmanager
+def emulator_process(startup_timeout: float = 30.0) -> Iterator[str]:
+    """Our emulator in a child process on a free port (so it does not share the caller's GIL);
+    yields its host:port once it listens, and stops it on exit."""
+    host, port = "127.0.0.1", free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator", "--host", host, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if not wait_until(lambda: _port_open(host, port), timeout=startup_timeout, interval=0.1):
+            raise RuntimeError("the emulator did not start")
+        yield f"{host}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
