@@ -4,16 +4,19 @@ SIGTERM or SIGINT, shut down within the grace period."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+import grpc
 import structlog
 import tenacity
 from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
+from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
 from processor.config import (
     ConfigError,
@@ -58,10 +61,24 @@ def wait_for(what: str, attempt: Callable[[], T], timeout: float) -> T:
         raise StartupError(f"{what} not available after {timeout:g}s: {reason}") from exc
 
 
+def subscriber_client() -> pubsub_v1.SubscriberClient:
+    """A subscriber that can receive any message Pub/Sub accepts (up to 10 MB).
+
+    Through PUBSUB_EMULATOR_HOST the client opens a plain channel with gRPC's default 4 MiB
+    receive limit (its own production channel has none): a bigger message would then break the
+    stream on every delivery, never be processed, and stall the messages sent behind it.
+    """
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not host:
+        return pubsub_v1.SubscriberClient()
+    channel = grpc.insecure_channel(host, options=[("grpc.max_receive_message_length", -1)])
+    return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+
+
 def bootstrap(settings: ProcessorSettings, metrics: Metrics) -> Processor:
     """Wait for the subscription and the database, migrate, and build the processor."""
     settings.apply_emulator_host()
-    subscriber = pubsub_v1.SubscriberClient()
+    subscriber = subscriber_client()
     publisher = pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.02, max_messages=500)
     )
