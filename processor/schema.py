@@ -218,13 +218,15 @@ def _checked_port(port: int) -> int:
 
 
 def _canonical_service(service: str) -> str:
-    name = service.strip()
+    # Upper-cased before the length check: upper() can lengthen a name ("ß" -> "SS"), and the
+    # stored name must fit the column on every database.
+    name = service.strip().upper()
     if not name or len(name) > MAX_SERVICE_LENGTH or not name.isprintable():
         raise Rejection(
             Reason.INVALID_SERVICE,
             f"service: must be 1..{MAX_SERVICE_LENGTH} printable characters",
         )
-    return name.upper()
+    return name
 
 
 def _checked_timestamp(timestamp: int, max_skew: int, now: float | None) -> int:
