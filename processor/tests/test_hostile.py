@@ -1,0 +1,278 @@
+"""Hostile input: arbitrary bytes and JSON never get past `decode` as anything but an
+`Observation` or a `Rejection` with a documented reason; every string the wire admits either
+round-trips exactly through SQLite and PostgreSQL or is refused in a way the writer dead-letters
+(never retried forever); and a batch mixing such values with good ones never stalls the pipeline.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from emulator.testing import free_port, wait_until
+from processor.schema import MAX_SERVICE_LENGTH, Observation, Reason, Rejection, decode
+from processor.store import Repository, migrate, open_engine
+from processor.tests.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
+from processor.tests.conftest import Pipeline, metric, scan
+from processor.writer import is_refused_value
+
+NOW = int(time.time())
+DECODER_REASONS = {str(reason) for reason in Reason} - {STORAGE_REJECTED}
+# Under the 10 MB Pub/Sub limit with room for the rest of the message and its JSON framing.
+NEAR_LIMIT = 9 * 1024 * 1024
+# A few hundred examples in all: the file must stay well under a minute.
+FAST = settings(max_examples=150, deadline=None)
+WITH_DATABASES = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def _base64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+# Every code point, surrogates included: JSON can carry a lone surrogate as an escape.
+any_character = st.characters(codec=None, exclude_categories=())
+any_text = st.text(any_character, max_size=200)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+integers = st.integers(min_value=-(2**70), max_value=2**70)
+message_shaped = st.fixed_dictionaries(
+    {},
+    optional={
+        "ip": st.one_of(st.ip_addresses().map(str), json_values),
+        "port": st.one_of(integers, json_values),
+        "service": st.one_of(any_text, json_values),
+        "timestamp": st.one_of(integers, json_values),
+        "data_version": st.one_of(st.sampled_from([1, 2]), json_values),
+        "data": st.one_of(
+            st.fixed_dictionaries({"response_str": any_text}),
+            st.fixed_dictionaries({"response_bytes_utf8": st.binary().map(_base64)}),
+            json_values,
+        ),
+    },
+)
+
+
+def assert_decoded_or_rejected(raw: bytes) -> Observation | None:
+    """`decode` returns an Observation or raises a Rejection with a documented reason."""
+    try:
+        return decode(raw)
+    except Rejection as rejection:
+        reason = str(rejection.reason)
+    assert reason in DECODER_REASONS
+    return None
+
+
+@FAST
+@given(st.binary(max_size=2000))
+@example(b"")
+@example(b"\xff\xfe{}")
+@example(b"{" * 10_000)
+def test_arbitrary_bytes_decode_or_are_rejected_with_a_documented_reason(raw: bytes) -> None:
+    assert_decoded_or_rejected(raw)
+
+
+@FAST
+@given(json_values, st.booleans())
+def test_arbitrary_json_decodes_or_is_rejected_with_a_documented_reason(
+    value: Any, ascii_only: bool
+) -> None:
+    try:
+        raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    except ValueError:  # deeply nested beyond the json module's own limit
+        return
+    assert_decoded_or_rejected(raw)
+
+
+@FAST
+@given(message_shaped, st.booleans())
+def test_message_shaped_json_with_arbitrary_fields_decodes_or_is_rejected(
+    message: dict[str, Any], ascii_only: bool
+) -> None:
+    raw = json.dumps(message, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    observation = assert_decoded_or_rejected(raw)
+    if observation is not None:  # what decode accepts is what the message said
+        assert observation.port == message["port"]
+        assert observation.timestamp == message["timestamp"]
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+_ports = itertools.count(1)
+
+
+@pytest.fixture
+def repositories(sqlite_url: str, postgres_url: str) -> Iterator[list[Repository]]:
+    """A migrated SQLite and PostgreSQL database, side by side."""
+    made = []
+    for url in (sqlite_url, postgres_url):
+        engine = open_engine(url)
+        migrate(engine)
+        made.append(Repository(engine))
+    yield made
+    for repo in made:
+        repo.engine.dispose()
+
+
+def stored_or_refused(repo: Repository, observation: Observation) -> str:
+    """Store one observation and read it back: "stored" if it round-tripped exactly, "refused"
+    if the database refused it in a way the writer dead-letters; anything else fails."""
+    dialect = repo.engine.dialect.name
+    try:
+        repo.upsert_many([observation])
+    except Exception as exc:
+        refused, error = is_refused_value(exc), repr(exc)
+    else:
+        refused, error = False, ""
+    if error:
+        assert refused, f"{dialect} would retry this forever: {error}"
+        return "refused"
+    [row] = [r for r in repo.rows() if (r.ip, r.port, r.service) == observation.key]
+    assert (row.response, int(row.last_scanned.timestamp())) == (
+        observation.response,
+        observation.timestamp,
+    ), f"{dialect} altered the value"
+    return "stored"
+
+
+def wire(response: str, service: str = "HTTP", ascii_only: bool = True) -> bytes:
+    """A v2 message carrying `response` on a key of its own."""
+    message = {
+        "ip": "10.0.0.1",
+        "port": next(_ports) % 65536,
+        "service": service,
+        "timestamp": NOW,
+        "data_version": 2,
+        "data": {"response_str": response},
+    }
+    return json.dumps(message, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.postgres
+@WITH_DATABASES
+@given(
+    response=any_text | any_text.map(lambda text: f"{text}\x00{text}"),
+    service=st.sampled_from(["HTTP", "ssh"]) | st.text(st.characters(codec=None), max_size=70),
+    ascii_only=st.booleans(),
+)
+@example(response="nul \x00 inside", service="HTTP", ascii_only=True)
+@example(response="\U0001f600\U000e0001 astral", service="\U0001f600", ascii_only=False)
+@example(response='\\"\b\f\n\r\t\u2028\u2029 escapes', service="HTTP", ascii_only=True)
+@example(response="x", service="\u00df" * 64, ascii_only=False)  # upper() doubles its length
+def test_every_admitted_string_round_trips_or_is_refused_for_good(
+    repositories: list[Repository], response: str, service: str, ascii_only: bool
+) -> None:
+    observation = assert_decoded_or_rejected(wire(response, service, ascii_only))
+    if observation is None:
+        event("rejected by the decoder")
+        return
+    assert observation.response == response  # the decoder never alters what it admits
+    assert len(observation.service) <= MAX_SERVICE_LENGTH  # what is admitted fits the column
+    for repo in repositories:
+        event(f"{repo.engine.dialect.name}: {stored_or_refused(repo, observation)}")
+
+
+@pytest.mark.postgres
+def test_a_response_near_the_10_mb_message_limit_round_trips_on_both_databases(
+    repositories: list[Repository],
+) -> None:
+    response = ("9 MB \U0001f600 \x01 " * (NEAR_LIMIT // 16))[: NEAR_LIMIT // 2]
+    raw = wire(response, ascii_only=False)
+    assert 8 * 1024 * 1024 < len(raw) < 10 * 1024 * 1024
+    observation = decode(raw)
+    assert observation.response == response
+    assert [stored_or_refused(repo, observation) for repo in repositories] == ["stored"] * 2
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+HOSTILE = {
+    "nul": "a \x00 NUL",
+    "controls": "".join(map(chr, range(1, 32))) + "\x7f\x85",
+    "astral": "\U0001f600\U00010348\U000e007f\U0010ffff",
+    "escapes": '\\"/\b\f\n\r\t\u2028\u2029',
+    "bom": "\ufeff\ufffe\uffff",
+    "near_limit": "\U0001f600" * (NEAR_LIMIT // 4 - 64),
+}
+
+
+def body(ip: str, port: int, service: str, response: str) -> bytes:
+    """A v2 message as raw UTF-8 (the compact form: JSON escapes would triple astral text)."""
+    message = {
+        "ip": ip,
+        "port": port,
+        "service": service,
+        "timestamp": NOW,
+        "data_version": 2,
+        "data": {"response_str": response},
+    }
+    return json.dumps(message, ensure_ascii=False).encode()
+
+
+def test_a_batch_mixing_hostile_values_with_good_ones_neither_crashes_nor_stalls(
+    emulator_host: str, any_database_url: str, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    # Given one batch-full of good scans with every hostile value among them, each on a key of
+    # its own, a lone surrogate (JSON admits it, the decoder refuses it) and a service that
+    # outgrows its column once upper-cased
+    port = free_port()
+    pipeline = make_pipeline(
+        database_url=any_database_url, metrics_port=port, batch_max_wait_ms=500
+    )
+    good = {f"good-{i}": scan("1.1.1.1", i, "HTTP", NOW - i, f"response {i}") for i in range(40)}
+    hostile = {
+        label: body("2.2.2.2", i, "HTTP", value) for i, (label, value) in enumerate(HOSTILE.items())
+    }
+    hostile["lone_surrogate"] = scan("2.2.2.2", 100, "HTTP", NOW, "\ud800")
+    hostile["long_service"] = body("2.2.2.2", 101, "\u00df" * 64, "x")
+    bodies = list(good.items())[:20] + list(hostile.items()) + list(good.items())[20:]
+    ids = {label: pipeline.publish([body], case=label)[0] for label, body in bodies}
+    # When the processor takes them in
+    stop = pipeline.start_processor()
+    # Then every good scan is stored and every hostile one is stored exactly or dead-lettered
+    # with a reason, and the pipeline goes on (all of them acked)
+    total = len(good) + len(hostile)
+    assert wait_until(
+        lambda: metric(port, "mini_scan_messages_acked_total") >= total, timeout=60
+    ), "the pipeline stalled"
+    rows = {(r.ip, r.port): r for r in pipeline.rows()}
+    assert all(rows[("1.1.1.1", i)].response == f"response {i}" for i in range(40))
+    letters = reasons_by_source(
+        pull_dead_letters(
+            pipeline.settings.dead_letter_subscription_path, lambda _: False, timeout=2, settle=0
+        )
+    )
+    outcome = {}
+    for label, raw in hostile.items():
+        message = json.loads(raw)
+        row = rows.get((message["ip"], message["port"]))
+        if row is not None:
+            assert row.response == message["data"]["response_str"], label
+            outcome[label] = "stored"
+        else:
+            [reason] = letters[ids[label]]
+            outcome[label] = reason
+    assert outcome["lone_surrogate"] == "invalid_json"
+    assert outcome["long_service"] == "invalid_service"  # refused by the decoder, on both
+    assert outcome["near_limit"] == "stored"
+    if pipeline.settings.database_url.startswith("postgresql"):
+        assert outcome["nul"] == STORAGE_REJECTED
+    assert all(ids[label] not in letters for label in good), "a good scan was dead-lettered"
+    print(outcome)
+    assert stop() == 0
