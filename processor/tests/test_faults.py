@@ -74,18 +74,17 @@ def test_connections_cut_and_stalled_between_processor_and_broker_lose_nothing(
         child = spawn_processor(pipeline, PUBSUB_EMULATOR_HOST=proxy.address)
         child.wait_ready()
         publish(pipeline, workload, first)
-        assert wait_until(
-            lambda: metric(child.metrics_port, "mini_scan_messages_acked_total") > 0, timeout=30
-        ), child.output()
+        acked = lambda: metric(child.metrics_port, "mini_scan_messages_acked_total")  # noqa: E731
+        # (Cut once the first half is acked: a cut with deliveries in flight only adds the
+        # 60 s stream lease before they come back, which the chaos test already covers.)
+        assert wait_until(lambda: acked() >= len(first), timeout=30), child.output()
         # When every connection is cut (and refused) for 3 s while the second half is published
         proxy.cut()
         publish(pipeline, workload, second)
         time.sleep(3)  # the outage itself
         proxy.restore()
-        # And then the connections hang without a byte moving for 3 s
-        assert wait_until(
-            lambda: metric(child.metrics_port, "mini_scan_messages_acked_total") > 2000, timeout=60
-        ), child.output()
+        # And then, mid-drain, the connections hang without a byte moving for 3 s
+        assert wait_until(lambda: acked() > len(first), timeout=60), child.output()
         proxy.stall()
         time.sleep(3)  # the stall itself
         proxy.restore()
