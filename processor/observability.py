@@ -86,7 +86,7 @@ class Metrics:
         self.lag_seconds = Histogram(
             "mini_scan_publish_to_commit_seconds",
             "From a message's publish time to the commit of its row",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900),
             registry=r,
         )
         self.held = Gauge("mini_scan_messages_held", "Messages waiting for a commit", registry=r)

@@ -91,7 +91,11 @@ def open_engine(url: str | URL | None = None, *, pool_size: int = 2) -> Engine:
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=pool_size)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    # Each batch size is a different multi-row statement; the driver's default cache of 128
+    # prepared statements, some of them thousands of parameters long, costs tens of MB.
+    engine = sa.create_engine(
+        parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "cached_statements": 16}
+    )
 
     @sa.event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
