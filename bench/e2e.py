@@ -92,21 +92,21 @@ def _subscribe_and_wait(
     args: argparse.Namespace,
     done: threading.Event,
     threads: int | None = None,
-) -> tuple[float, Any]:
+) -> tuple[float, float]:
     """Same streams, flow control and callback threads as the processor is given."""
     streams, max_messages = args.streams, args.max_messages
     threads = threads or args.callback_threads
     subscriber = pubsub_v1.SubscriberClient()
     flow = pubsub_v1.types.FlowControl(max_messages=max_messages)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     futures = [
         subscriber.subscribe(subscription, callback, flow_control=flow) for _ in range(streams)
     ]
     done.wait(timeout=3600)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     for future in futures:
         future.cancel()
-    return elapsed, subscriber
+    return elapsed, cpu
 
 
 def child_ack_only(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,9 +121,9 @@ def child_ack_only(args: argparse.Namespace) -> dict[str, Any]:
             if len(lags) >= args.count:
                 done.set()
 
-    elapsed, _ = _subscribe_and_wait(args.subscription, callback, args, done)
+    elapsed, cpu = _subscribe_and_wait(args.subscription, callback, args, done)
     p50, p99 = _percentiles(lags)
-    return {"messages": len(lags), "seconds": elapsed, "p50": p50, "p99": p99}
+    return {"messages": len(lags), "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
 def child_processor(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,13 +145,14 @@ def child_processor(args: argparse.Namespace) -> dict[str, Any]:
     lags = _Recorded(metrics.lag_seconds)
     metrics.lag_seconds = lags  # type: ignore[assignment]
     processor = bootstrap(settings, metrics)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     processor.start()
     wait_until(lambda: metrics.acked._value.get() >= args.count, timeout=3600, interval=0.01)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     processor.shutdown(5)
     p50, p99 = _percentiles(lags.values)
-    return {"messages": int(metrics.acked._value.get()), "seconds": elapsed, "p50": p50, "p99": p99}
+    messages = int(metrics.acked._value.get())
+    return {"messages": messages, "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
 def child_common(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,9 +178,9 @@ def child_common(args: argparse.Namespace) -> dict[str, Any]:
                 done.set()
 
     # Blocking writes in the callback need the client's default ten threads per stream.
-    elapsed, _ = _subscribe_and_wait(args.subscription, callback, args, done, threads=10)
+    elapsed, cpu = _subscribe_and_wait(args.subscription, callback, args, done, threads=10)
     p50, p99 = _percentiles(lags)
-    return {"messages": len(lags), "seconds": elapsed, "p50": p50, "p99": p99}
+    return {"messages": len(lags), "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
 CHILDREN = {"ack": child_ack_only, "processor": child_processor, "common": child_common}
@@ -271,7 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         title=f"Draining {args.messages:,} preloaded messages, {args.streams} streams, "
         f"flow control {args.max_messages} per stream"
     )
-    for column in ("", "consumer", "messages", "msg/s", "peak RSS MB", "lag p50 s", "lag p99 s"):
+    columns = (
+        "",
+        "consumer",
+        "messages",
+        "msg/s",
+        "CPU µs/msg",
+        "peak RSS MB",
+        "lag p50 s",
+        "lag p99 s",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for key, label, *_ in plan:
         r = results[key]
@@ -280,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
             label,
             f"{r['messages']:,}",
             f"{r['rate']:,.0f}",
+            f"{r['cpu'] / r['messages'] * 1e6:,.0f}",
             f"{r['rss_mb']:.0f}",
             f"{r['p50']:.2f}",
             f"{r['p99']:.2f}",
         )
     console.print(table)
     rate = {k: v["rate"] for k, v in results.items()}
+    cpu = {k: v["cpu"] / v["messages"] for k, v in results.items()}
+    console.print(
+        f"CPU per message, a/b = {cpu['a'] / cpu['b']:.0%}   a/c = {cpu['a'] / cpu['c']:.0%}"
+        "   (ceiling CPU over consumer CPU, per message)"
+    )
     console.print(
         f"b/a = {rate['b'] / rate['a']:.0%}   c/a = {rate['c'] / rate['a']:.0%}   "
         f"b/d = {rate['b'] / rate['d']:.1f}x"

@@ -260,8 +260,11 @@ def _sqlite_upsert(connection: Connection, rows: list[MergedRow], now: dt.dateti
 
 
 def _max_rowid(connection: Connection) -> int:
-    newest = connection.exec_driver_sql("SELECT coalesce(max(rowid), 0) FROM services")
-    return int(newest.scalar_one())
+    # Straight to the driver: SQLAlchemy's per-statement work would cost more than the query.
+    cursor = connection.connection.driver_connection.execute(  # type: ignore[union-attr]
+        "SELECT coalesce(max(rowid), 0) FROM services"
+    )
+    return int(cursor.fetchone()[0])
 
 
 def _postgres_statement() -> Any:
