@@ -81,9 +81,9 @@ class _Recorded:
     def __init__(self, histogram: Any) -> None:
         self._histogram, self.values = histogram, []
 
-    def observe(self, value: float) -> None:
-        self.values.append(value)
-        self._histogram.observe(value)
+    def observe_many(self, values: list[float]) -> None:
+        self.values += values
+        self._histogram.observe_many(values)
 
 
 def _subscribe_and_wait(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily
 from sqlalchemy.engine import make_url
 
 MAX_LOGGED_CHARS = 200  # payload excerpts and error texts in logs are cut to this
@@ -55,6 +58,38 @@ def excerpt(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
 
 
+class BatchHistogram:
+    """A Prometheus histogram fed a whole batch at a time: one lock per batch instead of two
+    per observation, which matters at thousands of messages a second."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = [float(b) for b in buckets]
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        bounds, counts = self._bounds, [0] * len(self._counts)
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += sum(values)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative = list(itertools.accumulate(counts))
+        labels = [*(repr(b) for b in self._bounds), "+Inf"]
+        family = HistogramMetricFamily(self._name, self._documentation)
+        family.add_metric([], list(zip(labels, cumulative, strict=True)), total)
+        yield family
+
+
 class Metrics:
     """The processor's Prometheus metrics, in a registry of its own (several per test process)."""
 
@@ -83,7 +118,7 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.lag_seconds = Histogram(
+        self.lag_seconds = BatchHistogram(
             "mini_scan_publish_to_commit_seconds",
             "From a message's publish time to the commit of its row",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 900),

@@ -105,17 +105,15 @@ class Writer:
         elapsed = time.perf_counter() - started
         committed_at = time.time()
         refused_ids = {id(held) for held, _ in refused}
-        lag = self._metrics.lag_seconds
-        acked = 0
+        lags = []
         for held in batch:
-            if id(held) in refused_ids:
-                continue
-            held.message.ack()
-            acked += 1
-            lag.observe(committed_at - held.message.publish_time.timestamp())
+            if id(held) not in refused_ids:
+                held.message.ack()
+                lags.append(committed_at - held.message.publish_time.timestamp())
         for held, error in refused:
             self._dead_letters.send(held.message, Reason.STORAGE_REJECTED, error)
-        self._metrics.acked.inc(acked)
+        self._metrics.lag_seconds.observe_many(lags)
+        self._metrics.acked.inc(len(lags))
         self._metrics.batch_size.observe(len(batch))
         self._metrics.commit_seconds.observe(elapsed)
         for outcome in ("inserted", "updated", "unchanged"):
