@@ -185,6 +185,6 @@ def test_metrics_count_received_acked_rows_and_dead_letters(emulator_host, make_
     assert metric(port, 'mini_scan_messages_dead_lettered_total{reason="invalid_json"}') == 1
     assert metric(port, 'mini_scan_rows_total{outcome="inserted"}') == len(expected_rows(items))
     assert metric(port, "mini_scan_publish_to_commit_seconds_count") == 50
-    assert metric(port, "mini_scan_ready") == 1
+    assert wait_until(lambda: metric(port, "mini_scan_ready") == 1, timeout=5)
     assert metric(port, "mini_scan_database_up") == 1
     assert stop() == 0
