@@ -100,6 +100,12 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
     max_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="flow control: bytes held per stream, unacked"
     )
+    lease_seconds: int = Field(
+        20,
+        ge=10,
+        le=600,
+        description="lease per extension: how soon a crashed processor's messages come back",
+    )
     batch_size: int = Field(500, ge=1, le=10_000, description="rows per transaction, at most")
     batch_max_wait_ms: int = Field(
         50, ge=1, le=60_000, description="oldest message's wait before its batch is flushed"

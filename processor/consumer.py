@@ -52,8 +52,13 @@ class Processor:
 
     def start(self) -> Processor:
         self._writer.start()
+        # Leases are extended for as long as a message is held (an hour at most, the client's
+        # default: through any database outage shorter than that), but each extension, and the
+        # stream's ack deadline, is short: a killed processor's messages return in seconds.
         flow = pubsub_v1.types.FlowControl(
-            max_messages=self._settings.max_messages, max_bytes=self._settings.max_bytes
+            max_messages=self._settings.max_messages,
+            max_bytes=self._settings.max_bytes,
+            max_duration_per_lease_extension=self._settings.lease_seconds,
         )
         for _ in range(self._settings.streams):
             # The callback never blocks (it decodes and queues), so a couple of threads per

@@ -20,6 +20,7 @@ from google.cloud import pubsub_v1
 from rich.console import Console
 from rich.table import Table
 
+from processor.app import subscriber_client
 from processor.config import ConfigError, PubSubSettings, add_arguments, load
 from processor.observability import excerpt
 
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     settings.apply_emulator_host()
-    subscriber = pubsub_v1.SubscriberClient()
+    subscriber = subscriber_client()  # dead letters can be as large as any message: 10 MB
     subscription = settings.dead_letter_subscription_path
     try:
         if args.command == "list":
