@@ -18,8 +18,13 @@ DEFAULT_MAX_BACKOFF = 600
 
 UPDATABLE_SUBSCRIPTION_FIELDS = frozenset(
     {
-        "ack_deadline_seconds", "retry_policy", "dead_letter_policy", "labels",
-        "message_retention_duration", "retain_acked_messages", "expiration_policy",
+        "ack_deadline_seconds",
+        "retry_policy",
+        "dead_letter_policy",
+        "labels",
+        "message_retention_duration",
+        "retain_acked_messages",
+        "expiration_policy",
     }
 )
 UPDATABLE_TOPIC_FIELDS = frozenset({"labels", "message_retention_duration"})

@@ -85,7 +85,10 @@ def _streaming(broker: Broker, faults: Faults, registry: StreamRegistry) -> Call
         # Faults strike after the first request is read, as a real server failure would: failing
         # before it makes the client see the error twice (send and receive side) and reopen twice.
         return serve_stream(
-            broker, registry, requests, context,
+            broker,
+            registry,
+            requests,
+            context,
             on_first=lambda first: _apply_fault(faults, "StreamingPull", first, context),
         )
 

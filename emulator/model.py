@@ -39,7 +39,11 @@ class Stream:
     """One open StreamingPull as the broker sees it, with its own flow-control window."""
 
     def __init__(
-        self, lock: threading.Lock, client_id: str, max_messages: int, max_bytes: int,
+        self,
+        lock: threading.Lock,
+        client_id: str,
+        max_messages: int,
+        max_bytes: int,
         ack_deadline: int,
     ) -> None:
         self.cond = threading.Condition(lock)

@@ -33,8 +33,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, Any]] = [
     ("PATCH", re.compile(_T), "UpdateTopic", _pb.UpdateTopicRequest),
     ("DELETE", re.compile(_T), "DeleteTopic", _pb.DeleteTopicRequest),
     ("POST", re.compile(_T + ":publish"), "Publish", _pb.PublishRequest),
-    ("GET", re.compile(_T + "/subscriptions"), "ListTopicSubscriptions",
-     _pb.ListTopicSubscriptionsRequest),
+    (
+        "GET",
+        re.compile(_T + "/subscriptions"),
+        "ListTopicSubscriptions",
+        _pb.ListTopicSubscriptionsRequest,
+    ),
     ("GET", re.compile(_P + "/subscriptions"), "ListSubscriptions", _pb.ListSubscriptionsRequest),
     ("PUT", re.compile(_S), "CreateSubscription", _pb.Subscription),
     ("GET", re.compile(_S), "GetSubscription", _pb.GetSubscriptionRequest),
@@ -42,8 +46,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, Any]] = [
     ("DELETE", re.compile(_S), "DeleteSubscription", _pb.DeleteSubscriptionRequest),
     ("POST", re.compile(_S + ":pull"), "Pull", _pb.PullRequest),
     ("POST", re.compile(_S + ":acknowledge"), "Acknowledge", _pb.AcknowledgeRequest),
-    ("POST", re.compile(_S + ":modifyAckDeadline"), "ModifyAckDeadline",
-     _pb.ModifyAckDeadlineRequest),
+    (
+        "POST",
+        re.compile(_S + ":modifyAckDeadline"),
+        "ModifyAckDeadline",
+        _pb.ModifyAckDeadlineRequest,
+    ),
 ]
 
 
@@ -96,8 +104,9 @@ def _handler_class(service: Service) -> type[BaseHTTPRequestHandler]:
                 status, payload = HTTPStatus.OK, self._call(url.path, url.query, body)
             except EmulatorError as exc:
                 status = HTTPStatus(exc.http_status)
-                payload = {"error": {"code": exc.http_status, "message": str(exc),
-                                     "status": exc.code}}
+                payload = {
+                    "error": {"code": exc.http_status, "message": str(exc), "status": exc.code}
+                }
             self._reply(status, payload)
 
         def _call(self, path: str, query: str, body: bytes) -> dict[str, Any]:

@@ -77,7 +77,9 @@ def serve_stream(
         state = broker.subscription(first.subscription)
         ordered = broker.message_ordering(first.subscription)
         stream = state.open_stream(
-            first.client_id, first.max_outstanding_messages, first.max_outstanding_bytes,
+            first.client_id,
+            first.max_outstanding_messages,
+            first.max_outstanding_bytes,
             first.stream_ack_deadline_seconds,
         )
     except EmulatorError as exc:
@@ -89,7 +91,9 @@ def serve_stream(
         state.close_stream(stream, exc.code, str(exc))
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     reader = threading.Thread(
-        target=_read, args=(state, stream, requests), daemon=True,
+        target=_read,
+        args=(state, stream, requests),
+        daemon=True,
         name=f"emulator-stream-reader-{next(_stream_ids)}",
     )
     registry.add(reader)

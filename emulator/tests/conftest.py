@@ -55,9 +55,7 @@ def topic(publisher: pubsub_v1.PublisherClient) -> str:
 
 
 @pytest.fixture
-def make_subscription(
-    subscriber: pubsub_v1.SubscriberClient, topic: str
-) -> Callable[..., str]:
+def make_subscription(subscriber: pubsub_v1.SubscriberClient, topic: str) -> Callable[..., str]:
     """Create a subscription on `topic` (or `of=`) with extra Subscription fields."""
 
     def make(of: str | None = None, **settings: Any) -> str:

@@ -39,8 +39,12 @@ class Collector:
 
     def __call__(self, message: Any) -> None:
         r = Received(
-            message.data, dict(message.attributes), message.message_id,
-            message.delivery_attempt, message.ordering_key, time.monotonic(),
+            message.data,
+            dict(message.attributes),
+            message.message_id,
+            message.delivery_attempt,
+            message.ordering_key,
+            time.monotonic(),
         )
         with self.lock:
             self.received.append(r)

@@ -9,13 +9,15 @@ from google.protobuf import field_mask_pb2
 from emulator.tests.helpers import PROJECT, unique
 
 
-def test_a_created_subscription_echoes_its_settings_with_the_service_defaults(
-    subscriber, topic
-):
+def test_a_created_subscription_echoes_its_settings_with_the_service_defaults(subscriber, topic):
     name = unique("subscriptions")
     created = subscriber.create_subscription(
-        request={"name": name, "topic": topic, "labels": {"team": "scan"},
-                 "enable_message_ordering": True}
+        request={
+            "name": name,
+            "topic": topic,
+            "labels": {"team": "scan"},
+            "enable_message_ordering": True,
+        }
     )
 
     fetched = subscriber.get_subscription(subscription=name)
@@ -31,8 +33,12 @@ def test_dead_letter_and_retry_policies_get_the_service_defaults(subscriber, pub
     dlq = publisher.create_topic(name=unique("topics")).name
 
     created = subscriber.create_subscription(
-        request={"name": unique("subscriptions"), "topic": topic,
-                 "dead_letter_policy": {"dead_letter_topic": dlq}, "retry_policy": {}}
+        request={
+            "name": unique("subscriptions"),
+            "topic": topic,
+            "dead_letter_policy": {"dead_letter_topic": dlq},
+            "retry_policy": {},
+        }
     )
 
     assert created.dead_letter_policy.max_delivery_attempts == 5
@@ -79,30 +85,48 @@ def test_a_topic_id_may_use_every_allowed_character(publisher):
 def test_ack_deadlines_outside_10_to_600_seconds_are_rejected(subscriber, topic, deadline):
     with pytest.raises(exceptions.InvalidArgument):
         subscriber.create_subscription(
-            request={"name": unique("subscriptions"), "topic": topic,
-                     "ack_deadline_seconds": deadline}
+            request={
+                "name": unique("subscriptions"),
+                "topic": topic,
+                "ack_deadline_seconds": deadline,
+            }
         )
 
 
 def test_topics_and_subscriptions_are_listed_page_by_page(publisher, subscriber):
     project = f"paging-{unique('topics')[-12:]}"
-    topics = sorted(publisher.create_topic(name=f"projects/{project}/topics/t-{i}").name
-                    for i in range(5))
-    subs = [subscriber.create_subscription(
-        name=f"projects/{project}/subscriptions/s-{i}", topic=topics[0]).name for i in range(3)]
+    topics = sorted(
+        publisher.create_topic(name=f"projects/{project}/topics/t-{i}").name for i in range(5)
+    )
+    subs = [
+        subscriber.create_subscription(
+            name=f"projects/{project}/subscriptions/s-{i}", topic=topics[0]
+        ).name
+        for i in range(3)
+    ]
 
-    first_page = next(iter(publisher.list_topics(
-        request={"project": f"projects/{project}", "page_size": 2}).pages))
-    listed = [t.name for t in publisher.list_topics(
-        request={"project": f"projects/{project}", "page_size": 2})]
+    first_page = next(
+        iter(
+            publisher.list_topics(request={"project": f"projects/{project}", "page_size": 2}).pages
+        )
+    )
+    listed = [
+        t.name
+        for t in publisher.list_topics(request={"project": f"projects/{project}", "page_size": 2})
+    ]
 
     assert [t.name for t in first_page.topics] == topics[:2]
     assert first_page.next_page_token
     assert listed == topics
-    assert [s.name for s in subscriber.list_subscriptions(
-        request={"project": f"projects/{project}", "page_size": 2})] == sorted(subs)
-    assert list(publisher.list_topic_subscriptions(
-        request={"topic": topics[0], "page_size": 1})) == sorted(subs)
+    assert [
+        s.name
+        for s in subscriber.list_subscriptions(
+            request={"project": f"projects/{project}", "page_size": 2}
+        )
+    ] == sorted(subs)
+    assert list(
+        publisher.list_topic_subscriptions(request={"topic": topics[0], "page_size": 1})
+    ) == sorted(subs)
 
 
 def test_deleting_a_topic_leaves_its_subscriptions_on_the_deleted_topic(
@@ -128,8 +152,12 @@ def test_update_subscription_changes_only_the_masked_fields(subscriber, make_sub
     sub = make_subscription(ack_deadline_seconds=30, labels={"keep": "me"})
 
     updated = subscriber.update_subscription(
-        subscription={"name": sub, "ack_deadline_seconds": 45, "labels": {"ignored": "x"},
-                      "retry_policy": {"minimum_backoff": {"seconds": 1}}},
+        subscription={
+            "name": sub,
+            "ack_deadline_seconds": 45,
+            "labels": {"ignored": "x"},
+            "retry_policy": {"minimum_backoff": {"seconds": 1}},
+        },
         update_mask=field_mask_pb2.FieldMask(paths=["ack_deadline_seconds", "retry_policy"]),
     )
 

@@ -22,12 +22,15 @@ def _start_child(address: str, subscription: str) -> tuple[subprocess.Popen[str]
     env = {**os.environ, "PUBSUB_EMULATOR_HOST": address}
     child = subprocess.Popen(
         [sys.executable, "-m", "emulator.tests.subscriber_child", subscription],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     lines: list[str] = []
     assert child.stdout is not None
     threading.Thread(
-        target=lambda: lines.extend(line.strip() for line in child.stdout), daemon=True,
+        target=lambda: lines.extend(line.strip() for line in child.stdout),
+        daemon=True,
         name="child-stdout",
     ).start()
     return child, lines
@@ -149,8 +152,11 @@ def test_stopping_the_emulator_ends_open_streams_with_unavailable_not_ok():
             request_serializer=_pb.Subscription.SerializeToString,
             response_deserializer=_pb.Subscription.FromString,
         )
-        create_sub(_pb.Subscription(name="projects/p/subscriptions/shutdown",
-                                    topic="projects/p/topics/shutdown"))
+        create_sub(
+            _pb.Subscription(
+                name="projects/p/subscriptions/shutdown", topic="projects/p/topics/shutdown"
+            )
+        )
         pull = channel.stream_stream(
             "/google.pubsub.v1.Subscriber/StreamingPull",
             request_serializer=_pb.StreamingPullRequest.SerializeToString,

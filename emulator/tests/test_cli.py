@@ -17,7 +17,9 @@ def test_the_command_serves_until_sigterm_then_exits_zero():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "emulator", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

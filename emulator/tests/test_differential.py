@@ -32,13 +32,20 @@ def _scenario(address: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     topic = publisher.create_topic(name=f"projects/diff/topics/topic-{run}").name
     sub = subscriber.create_subscription(
-        request={"name": f"projects/diff/subscriptions/sub-{run}", "topic": topic,
-                 "ack_deadline_seconds": 20}
+        request={
+            "name": f"projects/diff/subscriptions/sub-{run}",
+            "topic": topic,
+            "ack_deadline_seconds": 20,
+        }
     )
-    ids = [publisher.publish(topic, f"m{i}".encode(), n=str(i)).result(timeout=20)
-           for i in range(3)]
-    got = Collector(decide=lambda r: "nack" if r.data == b"m1" and
-                    sum(x.data == b"m1" for x in got.received) == 1 else "ack")
+    ids = [
+        publisher.publish(topic, f"m{i}".encode(), n=str(i)).result(timeout=20) for i in range(3)
+    ]
+    got = Collector(
+        decide=lambda r: (
+            "nack" if r.data == b"m1" and sum(x.data == b"m1" for x in got.received) == 1 else "ack"
+        )
+    )
     future = subscriber.subscribe(sub.name, got)
     try:
         delivered = wait_until(lambda: len(got.received) >= 4, timeout=30)
@@ -47,8 +54,10 @@ def _scenario(address: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             future.result(timeout=10)
     errors = []
-    for call in (lambda: publisher.create_topic(name=topic),
-                 lambda: publisher.get_topic(topic=f"projects/diff/topics/missing-{run}")):
+    for call in (
+        lambda: publisher.create_topic(name=topic),
+        lambda: publisher.get_topic(topic=f"projects/diff/topics/missing-{run}"),
+    ):
         try:
             call()
         except exceptions.GoogleAPICallError as exc:

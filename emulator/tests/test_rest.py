@@ -38,8 +38,9 @@ def test_rest_publish_pull_and_acknowledge_round_trip(rest):
     assert (status, created["ackDeadlineSeconds"], created["topic"]) == (200, 20, topic)
 
     data = base64.b64encode(b"over-http").decode()
-    status, published = rest("POST", f"{topic}:publish",
-                             {"messages": [{"data": data, "attributes": {"k": "v"}}]})
+    status, published = rest(
+        "POST", f"{topic}:publish", {"messages": [{"data": data, "attributes": {"k": "v"}}]}
+    )
     assert status == 200
     assert len(published["messageIds"]) == 1
 
@@ -60,8 +61,9 @@ def test_rest_modify_ack_deadline_zero_redelivers(rest):
     rest("POST", f"{topic}:publish", {"messages": [{"data": base64.b64encode(b"n").decode()}]})
     first = rest("POST", f"{sub}:pull", {"maxMessages": 1})[1]["receivedMessages"][0]
 
-    status, _ = rest("POST", f"{sub}:modifyAckDeadline",
-                     {"ackIds": [first["ackId"]], "ackDeadlineSeconds": 0})
+    status, _ = rest(
+        "POST", f"{sub}:modifyAckDeadline", {"ackIds": [first["ackId"]], "ackDeadlineSeconds": 0}
+    )
 
     again = rest("POST", f"{sub}:pull", {"maxMessages": 1})[1]["receivedMessages"][0]
     assert status == 200
@@ -78,8 +80,9 @@ def test_rest_get_list_and_delete(rest):
     assert rest("GET", topic) == (200, {"name": topic})
     assert rest("GET", f"projects/{project}/topics")[1] == {"topics": [{"name": topic}]}
     assert rest("GET", f"{topic}/subscriptions")[1] == {"subscriptions": [sub]}
-    assert [s["name"] for s in rest("GET", f"projects/{project}/subscriptions")[1]
-            ["subscriptions"]] == [sub]
+    assert [
+        s["name"] for s in rest("GET", f"projects/{project}/subscriptions")[1]["subscriptions"]
+    ] == [sub]
     assert rest("DELETE", sub) == (200, {})
     assert rest("GET", sub)[0] == 404
 

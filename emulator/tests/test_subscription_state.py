@@ -26,8 +26,9 @@ def _messages(n: int, key: str = "") -> list[StoredMessage]:
 
 def _state(**policy: object) -> SubscriptionState:
     # The clock is never started: leases do not expire here, only explicit acks and nacks count.
-    return SubscriptionState("projects/p/subscriptions/s", DeliveryPolicy(**policy), Clock(),
-                             lambda _s, _e: None)
+    return SubscriptionState(
+        "projects/p/subscriptions/s", DeliveryPolicy(**policy), Clock(), lambda _s, _e: None
+    )
 
 
 operation = st.one_of(
