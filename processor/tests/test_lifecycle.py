@@ -16,16 +16,21 @@ from processor.tests.oracle import expected_rows, stored_rows
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle
 
 
+def busy_processor(make_pipeline, spawn_processor, seed: int):
+    """A processor child that has committed part of a backlog of 6,000 unique keys."""
+    pipeline = make_pipeline()
+    items = [o._replace(port=i) for i, o in enumerate(observations(6000, keys=250, seed=seed))]
+    publish_observations(pipeline, items)
+    child = spawn_processor(pipeline, BATCH_SIZE="100")
+    assert wait_until(lambda: len(pipeline.rows()) > 0, timeout=30), child.output()
+    return pipeline, items, child
+
+
 def test_sigterm_mid_stream_exits_0_in_the_grace_period_and_acks_nothing_uncommitted(
     emulator_host, make_pipeline, spawn_processor
 ):
     # Given a processor busy with a backlog of unique keys (any lost message is a missing row)
-    pipeline = make_pipeline()
-    items = observations(6000, keys=250, seed=11)
-    items = [o._replace(port=i) for i, o in enumerate(items)]
-    publish_observations(pipeline, items)
-    child = spawn_processor(pipeline, BATCH_SIZE="100")
-    assert wait_until(lambda: len(pipeline.rows()) > 0, timeout=30), child.output()
+    pipeline, items, child = busy_processor(make_pipeline, spawn_processor, seed=11)
     # When it gets SIGTERM mid-stream
     child.signal(signal.SIGTERM)
     started = time.monotonic()
@@ -43,13 +48,7 @@ def test_sigterm_mid_stream_exits_0_in_the_grace_period_and_acks_nothing_uncommi
 def test_kill_9_mid_batch_then_restart_ends_at_the_oracle(
     emulator_host, make_pipeline, spawn_processor
 ):
-    pipeline = make_pipeline()
-    items = observations(6000, keys=250, seed=12)
-    items = [o._replace(port=i) for i, o in enumerate(items)]
-    publish_observations(pipeline, items)
-    child = spawn_processor(pipeline, BATCH_SIZE="100")
-    assert wait_until(lambda: len(pipeline.rows()) > 0, timeout=30), child.output()
-
+    pipeline, items, child = busy_processor(make_pipeline, spawn_processor, seed=12)
     child.signal(signal.SIGKILL)
     assert child.wait(timeout=10) == -signal.SIGKILL
     replacement = spawn_processor(pipeline)
