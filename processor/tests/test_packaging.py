@@ -207,3 +207,14 @@ def test_the_build_context_leaves_out_local_state() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
 
     assert {".git", ".venv", "data", "__pycache__"} <= set(ignored)
+
+
+def test_google_emulator_is_a_one_line_swap(tmp_path) -> None:
+    text = COMPOSE.read_text()
+    assert text.count("<<: *our-pubsub") == 1
+    swapped = tmp_path / "docker-compose.yml"
+    swapped.write_text(text.replace("<<: *our-pubsub", "<<: *google-pubsub"))
+
+    result = _validate_compose(swapped)
+
+    assert result.returncode == 0, result.stdout + result.stderr
