@@ -3,7 +3,6 @@ SIGTERM or SIGINT, shut down within the grace period."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
 from processor.config import (
+    ArgumentParser,
     ConfigError,
     DatabaseSettings,
     ProcessorSettings,
@@ -134,7 +134,7 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Consume scan results into the database.")
+    parser = ArgumentParser(description="Consume scan results into the database.")
     add_arguments(parser, ProcessorSettings)
     args = parser.parse_args(argv)
     try:
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def migrate_main(argv: list[str] | None = None) -> int:
     """`mini-scan migrate`: apply the schema migrations and exit."""
-    parser = argparse.ArgumentParser(description="Bring the database schema up to date.")
+    parser = ArgumentParser(description="Bring the database schema up to date.")
     add_arguments(parser, DatabaseSettings)
     try:
         settings = load(DatabaseSettings, parser.parse_args(argv))

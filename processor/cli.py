@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"mini-scan: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(
+            f"mini-scan: error: unknown command {name!r} (mini-scan --help lists them)",
+            file=sys.stderr,
+        )
         return 2
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)

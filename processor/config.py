@@ -20,6 +20,13 @@ class ConfigError(Exception):
     """Invalid configuration: the message is one line, fit for the terminal."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`--help` still shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class PubSubSettings(BaseSettings):
     """Where the scan stream lives; shared by every command."""
 

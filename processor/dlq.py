@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from processor.app import subscriber_client
-from processor.config import ConfigError, PubSubSettings, add_arguments, load
+from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
 from processor.observability import excerpt
 
 # Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
@@ -128,7 +128,7 @@ def replay(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Inspect and replay dead letters.")
+    parser = ArgumentParser(description="Inspect and replay dead letters.")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="counts by reason and samples; consumes nothing")
     listing.add_argument("--samples", type=int, default=3, help="samples per reason")

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from processor.config import ConfigError, DatabaseSettings, add_arguments, load
+from processor.config import ArgumentParser, ConfigError, DatabaseSettings, add_arguments, load
 from processor.store import Service, database_url, open_engine
 
 SORT_KEYS = ("ip", "port", "service", "last_scanned", "first_seen")
@@ -36,11 +36,6 @@ _table = Service.__table__
 
 class QueryError(Exception):
     """The database cannot answer (missing file or table, unreachable): one line for the user."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, not the usage block
 
 
 # --- flag values -------------------------------------------------------------------------------
@@ -268,7 +263,7 @@ def _human(value: Any) -> str:
 
 
 def _services_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="mini-scan services",
         description="List stored services. --json writes one JSON object per line (JSON lines), "
         "times in ISO 8601 UTC; --csv writes a header row, then one row per service.",
@@ -316,7 +311,7 @@ def services_main(argv: Sequence[str] | None = None) -> int:
 
 def stats_main(argv: Sequence[str] | None = None) -> int:
     """`mini-scan stats`: 0 with the figures on stdout; 1 if the database cannot answer."""
-    parser = _Parser(prog="mini-scan stats", description="Counts of the stored services.")
+    parser = ArgumentParser(prog="mini-scan stats", description="Counts of the stored services.")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     add_arguments(parser, DatabaseSettings)
     args = parser.parse_args(argv)

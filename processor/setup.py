@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import structlog
@@ -11,7 +10,7 @@ from google.cloud import pubsub_v1
 from google.protobuf import duration_pb2
 
 from processor.app import StartupError, wait_for
-from processor.config import ConfigError, SetupSettings, add_arguments, load
+from processor.config import ArgumentParser, ConfigError, SetupSettings, add_arguments, load
 from processor.observability import configure_logging
 
 _log = structlog.get_logger("processor.setup")
@@ -78,7 +77,7 @@ def _seconds(value: float) -> duration_pb2.Duration:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     add_arguments(parser, SetupSettings)
     try:
         settings = load(SetupSettings, parser.parse_args(argv))

@@ -29,6 +29,7 @@ from rich.table import Table
 from emulator import Emulator
 from emulator.testing import free_port
 from processor.config import (
+    ArgumentParser,
     ConfigError,
     DatabaseSettings,
     PubSubSettings,
@@ -64,7 +65,7 @@ class Child:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run emulator, setup, scanner and processors.")
+    parser = ArgumentParser(description="Run emulator, setup, scanner and processors.")
     parser.add_argument("--processors", type=int, default=2, help="processor processes (2)")
     parser.add_argument("--rate", type=float, default=100.0, help="scanner messages/s (100)")
     parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")

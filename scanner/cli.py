@@ -17,16 +17,11 @@ from typing import IO
 import structlog
 from google.cloud import pubsub_v1
 
-from processor.config import ConfigError, PubSubSettings, add_arguments, load
+from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
 from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
 from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic
 
 _log = structlog.get_logger("scanner")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, not the usage block
 
 
 def _fraction(text: str) -> float:
@@ -48,7 +43,7 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="mini-scan scan",
         description="Publish mock scan results (the reference scanner's distribution) to Pub/Sub.",
     )
