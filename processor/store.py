@@ -173,11 +173,6 @@ class Repository:
         with self.engine.begin() as connection:
             return self._write(connection, rows, dt.datetime.now(dt.UTC))
 
-    def ping(self) -> None:
-        """Raise if the database cannot be reached."""
-        with self.engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-
     def rows(self) -> list[sa.Row[Any]]:
         """Every stored row in key order (for tests and small exports)."""
         table = Service.__table__
