@@ -12,7 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 from sqlalchemy.engine import make_url
@@ -96,6 +103,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_start_time_seconds (the restart alert), CPU seconds and resident memory.
+        ProcessCollector(registry=r)
         self.received = Counter("mini_scan_messages_received", "Messages delivered", registry=r)
         self.acked = Counter("mini_scan_messages_acked", "Messages acknowledged", registry=r)
         self.nacked = Counter("mini_scan_messages_nacked", "Messages handed back", registry=r)
