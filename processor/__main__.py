@@ -2,6 +2,9 @@
 
 import sys
 
-from processor.app import main
+from processor.stopping import exit_on_signals
 
-sys.exit(main())
+with exit_on_signals(0):  # a stop while the processor is being imported: nothing to clean up
+    from processor.app import main
+
+    sys.exit(main())

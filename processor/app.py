@@ -4,7 +4,6 @@ SIGTERM or SIGINT, shut down within the grace period."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from processor.config import (
 )
 from processor.consumer import Processor
 from processor.observability import HealthServer, Metrics, configure_logging, redact_url
+from processor.stopping import Stopped, stop_on_signals
 from processor.store import Repository, migrate, open_engine
 
 _log = structlog.get_logger("processor")
@@ -37,8 +37,12 @@ class StartupError(Exception):
     """A dependency did not appear in time; the message is one line."""
 
 
-def wait_for(what: str, attempt: Callable[[], T], timeout: float) -> T:
-    """Call `attempt` until it succeeds, with backoff, for at most `timeout` seconds."""
+def wait_for(
+    what: str, attempt: Callable[[], T], timeout: float, stop: threading.Event | None = None
+) -> T:
+    """Call `attempt` until it succeeds, with backoff, for at most `timeout` seconds; raises
+    `Stopped` as soon as `stop` is set between attempts (a stop never waits out the timeout)."""
+    stop = stop or threading.Event()
 
     def log_retry(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -49,14 +53,19 @@ def wait_for(what: str, attempt: Callable[[], T], timeout: float) -> T:
             error=str(error).splitlines()[0] if error else "",
         )
 
+    if stop.is_set():
+        raise Stopped(f"stopped before {what} was available")
     try:
         return tenacity.Retrying(
-            stop=tenacity.stop_after_delay(timeout),
+            stop=tenacity.stop_after_delay(timeout) | tenacity.stop_when_event_set(stop),
             wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            sleep=stop.wait,
             before_sleep=log_retry,
             reraise=True,
         )(attempt)
     except Exception as exc:
+        if stop.is_set():
+            raise Stopped(f"stopped while waiting for {what}") from exc
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(f"{what} not available after {timeout:g}s: {reason}") from exc
 
@@ -75,7 +84,9 @@ def subscriber_client() -> pubsub_v1.SubscriberClient:
     return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
 
 
-def bootstrap(settings: ProcessorSettings, metrics: Metrics) -> Processor:
+def bootstrap(
+    settings: ProcessorSettings, metrics: Metrics, stop: threading.Event | None = None
+) -> Processor:
     """Wait for the subscription and the database, migrate, and build the processor."""
     settings.apply_emulator_host()
     subscriber = subscriber_client()
@@ -93,9 +104,9 @@ def bootstrap(settings: ProcessorSettings, metrics: Metrics) -> Processor:
                 f"subscription {settings.subscription_path} does not exist (run mini-scan setup)"
             ) from exc
 
-    wait_for("subscription", subscription_exists, settings.startup_timeout)
+    wait_for("subscription", subscription_exists, settings.startup_timeout, stop)
     engine = open_engine(settings.database_url)
-    wait_for("database", lambda: migrate(engine), settings.startup_timeout)
+    wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)
 
 
@@ -120,7 +131,7 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
         metrics_port=health.port if health else None,
     )
     try:
-        processor = bootstrap(settings, metrics).start()
+        processor = bootstrap(settings, metrics, stop).start()
         while not stop.wait(0.5):
             processor.ready()  # keeps the mini_scan_ready gauge current between probes
             if processor.stream_failed.is_set():
@@ -143,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        return run(settings, stop)
+        with stop_on_signals() as stop:
+            return run(settings, stop)
+    except Stopped as exc:  # a requested stop is this command's normal end, even at start-up
+        _log.info("stopped_during_startup", reason=str(exc))
+        return 0
     except StartupError as exc:
         _log.error("startup_failed", error=str(exc))
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from processor.stopping import exit_on_signals
+
 # name: ("module:function", summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("processor.up:main", "run everything locally: emulator, setup, scanner, processors"),
@@ -17,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dlq": ("processor.dlq:main", "inspect and replay dead letters"),
     "migrate": ("processor.app:migrate_main", "bring the database schema up to date"),
 }
+
+# These run until stopped, so a stop is their normal end (exit 0); the others do a job and exit
+# 128 + the signal when stopped before it was done (processor/stopping.py).
+RUN_UNTIL_STOPPED = {"up", "process", "scan", "emulator"}
 
 
 def _usage() -> str:
@@ -38,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     module_name, function_name = COMMANDS[name][0].split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
-    sys.argv[0] = f"mini-scan {name}"  # argparse's default prog, in every subcommand's help
-    return int(function(rest) or 0)
+    with exit_on_signals(0 if name in RUN_UNTIL_STOPPED else None):
+        function = getattr(importlib.import_module(module_name), function_name)
+        sys.argv[0] = f"mini-scan {name}"  # argparse's default prog, in every subcommand's help
+        return int(function(rest) or 0)
 
 
 if __name__ == "__main__":

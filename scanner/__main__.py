@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from scanner.cli import main
+from processor.stopping import exit_on_signals
 
-sys.exit(main())
+with exit_on_signals(0):  # a stop while the scanner is being imported: nothing to clean up
+    from scanner.cli import main
+
+    sys.exit(main())

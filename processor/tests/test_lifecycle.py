@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from emulator.testing import wait_until
+import pytest
+
+from emulator.testing import free_port, wait_until
 from processor.config import SetupSettings
 from processor.setup import ensure_resources
 from processor.tests.conftest import unique
@@ -57,6 +59,62 @@ def test_kill_9_mid_batch_then_restart_ends_at_the_oracle(
     assert wait_until(
         lambda: stored_rows(pipeline.rows()) == expected_rows(items), timeout=90, interval=0.5
     ), replacement.output()
+
+
+def waiting_for(child, dependency: str) -> bool:
+    """The child has logged that it is waiting for `dependency` (its start-up retry loop)."""
+    return any(
+        e["event"] == "waiting_for_dependency" and e["dependency"] == dependency
+        for e in child.events()
+    )
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_processor_waiting_for_its_subscription_stops_at_once_and_exits_0(
+    emulator_host, make_pipeline, spawn_processor, stop
+):
+    # Given a processor whose subscription does not exist yet, willing to wait two minutes
+    child = spawn_processor(
+        make_pipeline(), PUBSUB_SUBSCRIPTION=unique("not-yet"), STARTUP_TIMEOUT="120"
+    )
+    assert wait_until(
+        lambda: waiting_for(child, "subscription") or child.process.poll() is not None, 60
+    ), child.output()
+    # When it is told to stop while it waits
+    child.signal(stop)
+    # Then it exits 0 within its grace period (10 s), not when the wait times out
+    assert child.wait(timeout=10) == 0, child.output()
+    assert any(e["event"] == "stopped_during_startup" for e in child.events())
+    assert "Traceback" not in child.output()
+
+
+def test_a_processor_waiting_for_its_database_stops_at_once_and_exits_0(
+    emulator_host, make_pipeline, spawn_processor
+):
+    # Given a processor whose PostgreSQL server refuses connections (nothing listens there)
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    child = spawn_processor(make_pipeline(), DATABASE_URL=closed, STARTUP_TIMEOUT="120")
+    assert wait_until(
+        lambda: waiting_for(child, "database") or child.process.poll() is not None, 60
+    ), child.output()
+    # When it gets SIGTERM while it waits
+    child.signal(signal.SIGTERM)
+    # Then it exits 0 within its grace period
+    assert child.wait(timeout=10) == 0, child.output()
+    assert "Traceback" not in child.output()
+
+
+def test_a_processor_stopped_while_python_imports_it_exits_0_without_a_traceback(
+    emulator_host, make_pipeline, spawn_processor
+):
+    # Given a processor still importing its modules (Python reports each import as it ends)
+    child = spawn_processor(make_pipeline(), PYTHONPROFILEIMPORTTIME="1")
+    assert wait_until(lambda: "google" in child.output() or child.process.poll() is not None, 60)
+    # When it gets SIGTERM before it has started anything
+    child.signal(signal.SIGTERM)
+    # Then it ends at once with the documented code, not killed by the signal
+    assert child.wait(timeout=10) == 0, child.output()[-2000:]
+    assert "Traceback" not in child.output()
 
 
 def run_processor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
