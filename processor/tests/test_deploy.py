@@ -4,19 +4,27 @@ Kubernetes: each overlay is rendered with the real kustomize (the `kubectl` whee
 dependency) and every document is validated by check-jsonschema against the vendored Kubernetes
 and KEDA schemas (deploy/schemas/); then the manifests are checked against the code: commands,
 settings, probe paths and port, grace periods.
+
+Prometheus and Grafana: the alert rules pass `promtool check rules` and their unit tests
+(`promtool test rules`; promtool is Debian's `prometheus` package: these skip where it is absent,
+and fail with CI=true); every query of the rules and of the dashboard parses as PromQL, and every
+metric it names is one a real Metrics() serves on /metrics.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -398,8 +406,24 @@ def test_every_container_has_requests_and_limits(overlay: str):
 
 # ---- Prometheus and Grafana ------------------------------------------------------------------
 
-
+RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
+DASHBOARD = DEPLOY / "grafana" / "mini-scan.json"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+# Pub/Sub's Cloud Monitoring metrics as prometheus-community/stackdriver_exporter names them
+# (stackdriver_<resource type>_<metric type>; README of the exporter), labelled subscription_id.
+PUBSUB_METRICS = {
+    "stackdriver_pubsub_subscription_pubsub_googleapis_com_subscription_num_undelivered_messages",
+    "stackdriver_pubsub_subscription_pubsub_googleapis_com_subscription_oldest_unacked_message_age",
+}
+# Grafana's variables, replaced the way Grafana does before a query reaches Prometheus.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$instance": ".*",
+}
 
 
 @functools.cache
@@ -413,5 +437,153 @@ def exported_series() -> frozenset[str]:
     return frozenset(names)
 
 
+def promtool() -> str:
+    """promtool's path; skipped where it is missing, except in CI, where it must run."""
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool not installed (apt-get install prometheus)"
+        if IN_CI:
+            pytest.fail(f"{message}; CI=true: the alert rules must be tested")
+        pytest.skip(message)
+    return path
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, query) for every target of the dashboard, Grafana's variables replaced."""
+    queries = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            queries.append((panel["title"], expr))
+    return queries
+
+
+def selectors(expr: str) -> list[promql_parser.VectorSelector]:
+    found: list[promql_parser.VectorSelector] = []
+    promql_parser.walk(
+        promql_parser.parse(expr),
+        lambda node: found.append(node) if isinstance(node, promql_parser.VectorSelector) else None,
+    )
+    return found
+
+
+def assert_metrics_are_served(where: str, expr: str) -> None:
+    for selector in selectors(expr):
+        assert selector.name, f"{where}: select metrics by name: {expr}"
+        assert selector.name in exported_series() | PUBSUB_METRICS, (
+            f"{where}: {selector.name} is neither served by the processor nor a Pub/Sub metric"
+        )
+
+
 def test_the_processor_exports_its_start_time_so_restarts_can_be_alerted_on():
     assert "process_start_time_seconds" in exported_series()
+
+
+def test_the_alert_rules_pass_promtool_check():
+    result = subprocess.run(
+        [promtool(), "check", "rules", *map(str, RULES)], capture_output=True, text=True
+    )
+
+    assert RULES
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alert_rules_pass_their_unit_tests():
+    result = subprocess.run(
+        [promtool(), "test", "rules", *map(str, RULE_TESTS)], capture_output=True, text=True
+    )
+
+    assert RULE_TESTS
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_unit_tests_catch_an_alert_rule_that_no_longer_fires(tmp_path: Path):
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    for path in RULES:
+        broken = path.read_text().replace("mini_scan_database_up == 0", "mini_scan_database_up < 0")
+        (tmp_path / "rules" / path.name).write_text(broken)
+    for path in RULE_TESTS:
+        shutil.copy(path, tmp_path / "tests" / path.name)
+
+    result = subprocess.run(
+        [promtool(), "test", "rules", *map(str, (tmp_path / "tests").iterdir())],
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode != 0
+    assert "MiniScanDatabaseDown" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
+def test_every_alert_queries_metrics_the_processor_or_pubsub_serves(rule: dict[str, Any]):
+    assert_metrics_are_served(rule["alert"], rule["expr"])
+
+
+def test_the_pubsub_alerts_watch_the_processors_subscription():
+    subscription = processor_settings("gke").pubsub_subscription
+    expressions = [rule["expr"] for rule in alert_rules()] + [q for _, q in dashboard_queries()]
+    watched = [
+        selector
+        for expr in expressions
+        for selector in selectors(expr)
+        if selector.name in PUBSUB_METRICS
+    ]
+
+    assert watched
+    for selector in watched:
+        matchers = {m.name: m.value for m in selector.matchers.matchers}
+        assert matchers.get("subscription_id") == subscription
+
+
+@pytest.mark.parametrize(("panel", "expr"), dashboard_queries())
+def test_every_dashboard_query_parses_and_names_served_metrics(panel: str, expr: str):
+    assert_metrics_are_served(panel, expr)  # parses first: a syntax error raises here
+
+
+def test_prometheus_itself_parses_every_dashboard_query(tmp_path: Path):
+    # promtool has no command to parse one expression: a recording rule per query does it.
+    rules = [
+        {"record": f"dashboard:query{n}", "expr": q} for n, (_, q) in enumerate(dashboard_queries())
+    ]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_shows_every_metric_the_processor_serves():
+    shown = {selector.name for _, expr in dashboard_queries() for selector in selectors(expr)}
+    ours = {
+        family.name
+        for family in text_string_to_metric_families(Metrics().render().decode())
+        if family.name.startswith("mini_scan_") and not family.name.endswith("_created")
+    }
+    for name in ours:
+        assert any(series.startswith(name) for series in shown), f"{name} is on no panel"
+
+
+def test_the_dashboard_panels_have_unique_ids_and_use_the_datasource_variable():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [panel["id"] for panel in panels]
+
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
