@@ -1,6 +1,8 @@
-# syntax=docker/dockerfile:1
 # mini-scan: one image for every role (processor, scanner, setup, emulator, query tools).
-# Build: docker build -t mini-scan .   Run: docker run mini-scan process|scan|setup|emulator|...
+# Build: docker compose build (or, with buildx, docker build -t mini-scan .)
+# Run:   docker run mini-scan process|scan|setup|emulator|...
+# No `# syntax=` line: Docker's built-in frontend runs RUN --mount, and pulling one from Docker
+# Hub would make offline and air-gapped builds fail.
 
 # ---- builder: resolve exactly uv.lock into /app/.venv --------------------------------------------
 # Both stages use the same Python image, so the venv's interpreter symlink resolves in the final one.
@@ -22,13 +24,15 @@ COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project --no-editable
 
-# Then the project itself, installed as a wheel (no editable link back to /src).
+# Then the project itself, installed as a wheel (no editable link back to /src), rebuilt every
+# time: uv's cache keys a local project by its pyproject.toml alone, so without
+# --reinstall-package a code change would ship the wheel built from the old sources.
 COPY README.md ./
 COPY processor ./processor
 COPY scanner ./scanner
 COPY emulator ./emulator
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv sync --frozen --no-dev --no-editable --reinstall-package mini-scan
 
 # ---- runtime: the venv only, as a non-root user -----------------------------------------------
 FROM python:3.11-slim-bookworm
@@ -50,9 +54,10 @@ USER 10001:10001
 # 9100: the processor's /metrics, /healthz, /readyz; 8085: the emulator's gRPC port.
 EXPOSE 9100 8085
 
-# slim has no curl: ask /healthz with the standard library; any error or non-2xx exits non-zero.
+# Right for every role the image runs (processor: /healthz; emulator: its port; other commands:
+# running), read from the container's own command line; standard library only, so it is cheap.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METRICS_PORT', '9100'), timeout=3)"]
+    CMD ["mini-scan", "healthcheck"]
 
 ENTRYPOINT ["mini-scan"]
 CMD ["process"]

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("processor.query:stats_main", "counts per service, newest scan, rows"),
     "dlq": ("processor.dlq:main", "inspect and replay dead letters"),
     "migrate": ("processor.app:migrate_main", "bring the database schema up to date"),
+    "healthcheck": ("processor.healthcheck:main", "exit 0 if this container's role is healthy"),
 }
 
 # These run until stopped, so a stop is their normal end (exit 0); the others do a job and exit

@@ -16,6 +16,7 @@ BAD_FLAGS = {
     "stats": ["--no-such-flag"],
     "dlq": ["list", "--samples", "x"],
     "migrate": ["--no-such-flag"],
+    "healthcheck": ["--pid", "x"],
 }
 
 

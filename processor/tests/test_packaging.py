@@ -1,8 +1,10 @@
 """Static checks of the Dockerfile and docker-compose.yml (no Docker engine is needed).
 
 They hold the packaging to its contracts: compose is valid by the compose spec, every command it
-runs exists, every variable it sets is a setting, the processor scales, the image is linted and
-runs as a non-root user with a health check.
+runs exists, every variable it sets is a setting, the processor scales, every container is
+hardened and publishes on the loopback only, the image is linted, builds offline and runs as a
+non-root user with a health check for every role, and Prometheus's scrape configuration is valid.
+The engine-backed checks of the same files are in test_compose.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-OUR_IMAGE = "mini-scan:local"
+OUR_IMAGE = "${MINI_SCAN_IMAGE:-mini-scan:local}"
+LOOPBACK = "${PUBLISH_ADDRESS:-127.0.0.1}:"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def _unavailable(message: str) -> None:
@@ -134,17 +138,17 @@ def test_services_share_one_pubsub_and_database_configuration(our_services) -> N
         assert env["DATABASE_URL"] == "${DATABASE_URL:-sqlite:////app/data/scan_results.db}"
     processor = our_services["processor"]
     assert processor["environment"]["METRICS_HOST"] == "0.0.0.0"
-    assert "./data:/app/data" in processor["volumes"]
+    assert processor["volumes"] == ["${DATA_DIR:-./data}:/app/data"]
+    assert our_services["data-dir"]["volumes"] == processor["volumes"]
 
 
 def test_the_processor_can_be_scaled(our_services) -> None:
     processor = our_services["processor"]
 
     assert "container_name" not in processor
-    # A published port is "container" alone or ".../host:container"; a fixed host port would
+    # Each replica's /metrics on a free host port (`address::9100`): a fixed host port would
     # make the second replica fail to start.
-    for port in processor.get("ports", []):
-        assert ":" not in str(port), f"fixed host port {port!r}"
+    assert processor["ports"] == [LOOPBACK + ":9100"]
     assert processor["stop_grace_period"] == "15s"
     assert processor["deploy"]["resources"]["limits"].keys() >= {"cpus", "memory"}
 
@@ -189,8 +193,32 @@ def test_the_final_stage_runs_as_non_root_with_a_health_check() -> None:
     assert users[-1].split(":")[0] not in ("root", "0")
     assert "PYTHONUNBUFFERED=1" in env
     assert "PATH=/app/.venv/bin:$PATH" in env
-    assert any(line.startswith("HEALTHCHECK ") and "/healthz" in line for line in stage)
+    assert any(line.startswith("HEALTHCHECK ") for line in stage)
     assert stage[0].startswith("FROM python:3.11-slim")
+
+
+def test_the_health_check_is_the_role_aware_command_in_image_and_compose(our_services) -> None:
+    healthchecks = [line for line in _dockerfile_final_stage() if line.startswith("HEALTHCHECK ")]
+
+    assert len(healthchecks) == 1
+    assert healthchecks[0].endswith('CMD ["mini-scan", "healthcheck"]')
+    assert "healthcheck" in COMMANDS
+    assert our_services["processor"]["healthcheck"]["test"] == ["CMD", "mini-scan", "healthcheck"]
+
+
+def test_the_dockerfile_builds_offline_with_the_built_in_frontend() -> None:
+    # `# syntax=...` makes BuildKit pull a frontend image: offline and air-gapped builds fail.
+    directives = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#")]
+
+    assert not [line for line in directives if re.match(r"#\s*syntax\s*=", line, re.I)]
+
+
+def test_every_build_reinstalls_the_project_from_its_sources() -> None:
+    # uv's cache mount keys a local project by pyproject.toml: without this a code change ships
+    # the wheel built from the old sources.
+    assert "uv sync --frozen --no-dev --no-editable --reinstall-package mini-scan" in (
+        re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    )
 
 
 def test_the_image_builds_every_package_from_the_lock() -> None:
@@ -216,5 +244,77 @@ def test_google_emulator_is_a_one_line_swap(tmp_path) -> None:
     swapped.write_text(text.replace("<<: *our-pubsub", "<<: *google-pubsub"))
 
     result = _validate_compose(swapped)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _swapped_to_google(compose: dict[str, Any]) -> dict[str, Any]:
+    text = COMPOSE.read_text().replace("<<: *our-pubsub", "<<: *google-pubsub")
+    return YAML(typ="safe").load(text)
+
+
+@pytest.mark.parametrize("emulator", ["ours", "google"])
+def test_every_service_drops_every_capability_and_privilege_escalation(compose, emulator) -> None:
+    services = (compose if emulator == "ours" else _swapped_to_google(compose))["services"]
+    added = {name: s["cap_add"] for name, s in services.items() if "cap_add" in s}
+
+    for name, service in services.items():
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+    # Only the one-shot that opens ./data up, and PostgreSQL's entrypoint, get any back.
+    assert added == {
+        "data-dir": ["FOWNER"],
+        "postgres": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"],
+    }
+
+
+def test_our_containers_run_read_only_as_the_image_user(compose, our_services) -> None:
+    for name, service in our_services.items():
+        assert service["read_only"] is True, name
+        assert service["tmpfs"] == ["/tmp"], name
+        assert service.get("user") == ("0:0" if name == "data-dir" else None), name
+    for name in ("postgres", "prometheus"):
+        assert compose["services"][name]["read_only"] is True, name
+
+
+def test_every_published_port_listens_on_the_loopback_unless_asked(compose) -> None:
+    services = compose["services"]
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+
+    assert published == {
+        "pubsub": [LOOPBACK + "${PUBSUB_PORT-8085}:8085"],
+        "processor": [LOOPBACK + ":9100"],
+        "prometheus": [LOOPBACK + "${PROMETHEUS_PORT-9090}:9090"],
+    }
+
+
+def test_the_monitoring_profile_scrapes_the_processor_service_by_dns(compose, our_services) -> None:
+    prometheus = compose["services"]["prometheus"]
+    config = YAML(typ="safe").load(PROMETHEUS_CONFIG.read_text())
+    [job] = config["scrape_configs"]
+    [discovery] = job["dns_sd_configs"]
+    metrics_port = our_services["processor"]["environment"]["METRICS_PORT"]
+
+    assert prometheus["profiles"] == ["monitoring"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    # One A record per replica: `--scale processor=N` is followed without a config change.
+    assert (discovery["names"], discovery["type"]) == (["processor"], "A")
+    assert discovery["port"] == int(metrics_port)
+    assert config["rule_files"] == ["rules/*.yml"]
+
+
+def test_the_prometheus_configuration_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        _unavailable("promtool is not installed (Debian's prometheus package provides it)")
+
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
