@@ -13,15 +13,14 @@ from typing import Any
 
 import structlog
 
-from emulator import _pb, config, names
+from emulator import _pb, config, limits, names
 from emulator.clock import Clock
-from emulator.errors import AlreadyExists, InvalidArgument, NotFound
+from emulator.errors import AlreadyExists, NotFound
 from emulator.model import Entry, StoredMessage
 from emulator.subscription import SubscriptionState
 
 _log = structlog.get_logger(__name__)
 
-MAX_MESSAGE_BYTES = 10 * 1000 * 1000
 DEFAULT_PAGE_SIZE = 1000
 _RETENTION_SWEEP_SECONDS = 60.0
 
@@ -133,15 +132,14 @@ class Broker:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, topic: str, messages: list[Any]) -> list[str]:
-        """Store the messages and fan them out; returns their ids, in order."""
-        if not messages:
-            raise InvalidArgument("The request must contain at least one message.")
-        for m in messages:
-            if not m.data and not m.attributes:
-                raise InvalidArgument("Some messages contain neither data nor attributes.")
-            if m.ByteSize() > MAX_MESSAGE_BYTES:
-                raise InvalidArgument("A message exceeds the maximum size of 10 MB.")
+    def publish(self, topic: str, messages: list[Any], nbytes: int | None = None) -> list[str]:
+        """Store the messages and fan them out; returns their ids, in order.
+
+        `nbytes` is the request's serialized size, computed here when the caller has none.
+        """
+        limits.check_publish(
+            messages, limits.request_bytes(topic, messages) if nbytes is None else nbytes
+        )
         now_ns = time.time_ns()
         with self._lock:
             target = self._topic(topic)

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf import json_format
 
-from emulator import _pb
+from emulator import _pb, limits
 from emulator.broker import Broker
 from emulator.errors import EmulatorError, InvalidArgument, NotFound
 from emulator.service import Service
@@ -99,8 +99,8 @@ def _handler_class(service: Service) -> type[BaseHTTPRequestHandler]:
         def _dispatch(self) -> None:
             url = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
             try:
+                body = self._read_body(length)
                 status, payload = HTTPStatus.OK, self._call(url.path, url.query, body)
             except EmulatorError as exc:
                 status = HTTPStatus(exc.http_status)
@@ -108,6 +108,16 @@ def _handler_class(service: Service) -> type[BaseHTTPRequestHandler]:
                     "error": {"code": exc.http_status, "message": str(exc), "status": exc.code}
                 }
             self._reply(status, payload)
+
+        def _read_body(self, length: int) -> bytes:
+            """The body; one over the front end's cap is refused, after draining it in bounded
+            chunks so that the client reads our answer rather than a reset connection."""
+            if length > limits.MAX_PAYLOAD_BYTES:
+                left = length
+                while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
+                    left -= len(chunk)
+                limits.check_payload(length)
+            return self.rfile.read(length) if length else b""
 
         def _call(self, path: str, query: str, body: bytes) -> dict[str, Any]:
             for method, pattern, rpc, request_type in _ROUTES:

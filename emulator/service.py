@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from emulator import _pb
+from emulator import _pb, limits
 from emulator.broker import Broker
 from emulator.errors import InvalidArgument
 
@@ -43,7 +43,9 @@ class Service:
         return _pb.ListTopicSubscriptionsResponse(subscriptions=subs, next_page_token=token)
 
     def Publish(self, r: Any) -> Any:
-        return _pb.PublishResponse(message_ids=self.b.publish(r.topic, list(r.messages)))
+        nbytes = r.ByteSize()
+        limits.check_payload(nbytes)
+        return _pb.PublishResponse(message_ids=self.b.publish(r.topic, list(r.messages), nbytes))
 
     def CreateSubscription(self, r: Any) -> Any:
         return self.b.create_subscription(r)

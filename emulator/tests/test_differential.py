@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 from google.api_core import exceptions
 from google.cloud import pubsub_v1
+from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisherClient
 
 from emulator.testing import OfficialEmulatorUnavailable, official_emulator, wait_until
 from emulator.tests.helpers import Collector
+
+PubsubMessage = pubsub_v1.types.PubsubMessage
 
 pytestmark = pytest.mark.official_emulator
 
@@ -81,4 +84,39 @@ def test_a_client_observes_the_same_happy_path_on_both_emulators(
     theirs = _scenario(official_address, monkeypatch)
 
     assert ours["delivered"]
+    assert ours == theirs
+
+
+# The publish limits Google's emulator (0.8.20) also enforces; it accepts the others (over 100
+# attributes, long keys and values, requests up to 20 MB), which only ours refuses, as the service.
+SHARED_LIMITS = {
+    "1000 messages": [PubsubMessage(data=b"m")] * 1000,
+    "1001 messages": [PubsubMessage(data=b"m")] * 1001,
+    "no messages": [],
+    "an empty message": [PubsubMessage(data=b"m"), PubsubMessage()],
+    "attributes without data": [PubsubMessage(attributes={"k": "v"})],
+}
+
+
+def _limit_outcomes(address: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", address)
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.create_topic(name=f"projects/diff/topics/limits-{uuid.uuid4().hex[:8]}").name
+    outcomes = {}
+    for case, messages in SHARED_LIMITS.items():
+        try:
+            GapicPublisherClient.publish(publisher, topic=topic, messages=messages, timeout=20)
+            outcomes[case] = "ok"
+        except exceptions.GoogleAPICallError as exc:
+            outcomes[case] = type(exc).__name__
+    return outcomes
+
+
+def test_both_emulators_refuse_the_same_publish_requests_with_the_same_codes(
+    emulator, official_address, monkeypatch
+):
+    ours = _limit_outcomes(emulator.address, monkeypatch)
+    theirs = _limit_outcomes(official_address, monkeypatch)
+
+    assert ours["1001 messages"] == "InvalidArgument"
     assert ours == theirs
