@@ -96,8 +96,8 @@ def bootstrap(
 
     def subscription_exists() -> None:
         try:
-            subscriber.get_subscription(
-                request={"subscription": settings.subscription_path}, timeout=5
+            subscriber.get_subscription(  # retry=None: wait_for retries, and hears a stop
+                request={"subscription": settings.subscription_path}, timeout=5, retry=None
             )
         except google_exceptions.NotFound as exc:
             raise LookupError(

@@ -69,14 +69,29 @@ def waiting_for(child, dependency: str) -> bool:
     )
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def unreachable() -> str:
+    """host:port of a Pub/Sub emulator that is not there (nothing listens: refused at once)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize(
+    ("why", "stop"),
+    [
+        ("missing", signal.SIGTERM),
+        ("missing", signal.SIGINT),
+        ("unreachable", signal.SIGTERM),
+    ],
+    ids=["missing-sigterm", "missing-sigint", "pubsub-unreachable-sigterm"],
+)
 def test_a_processor_waiting_for_its_subscription_stops_at_once_and_exits_0(
-    emulator_host, make_pipeline, spawn_processor, stop
+    emulator_host, make_pipeline, spawn_processor, why, stop
 ):
-    # Given a processor whose subscription does not exist yet, willing to wait two minutes
-    child = spawn_processor(
-        make_pipeline(), PUBSUB_SUBSCRIPTION=unique("not-yet"), STARTUP_TIMEOUT="120"
-    )
+    # Given a processor whose subscription does not exist yet (or whose Pub/Sub does not
+    # answer), willing to wait two minutes for it
+    where = {"PUBSUB_SUBSCRIPTION": unique("not-yet")}
+    if why == "unreachable":
+        where = {"PUBSUB_EMULATOR_HOST": unreachable()}
+    child = spawn_processor(make_pipeline(), STARTUP_TIMEOUT="120", **where)
     assert wait_until(
         lambda: waiting_for(child, "subscription") or child.process.poll() is not None, 60
     ), child.output()
@@ -115,6 +130,33 @@ def test_a_processor_stopped_while_python_imports_it_exits_0_without_a_traceback
     # Then it ends at once with the documented code, not killed by the signal
     assert child.wait(timeout=10) == 0, child.output()[-2000:]
     assert "Traceback" not in child.output()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_setup_waiting_for_pubsub_stops_at_once_and_exits_128_plus_the_signal(tmp_path, stop):
+    # Given `mini-scan setup` against an emulator address where nothing listens
+    log = tmp_path / "setup.log"
+    with open(log, "wb") as out:
+        setup = subprocess.Popen(
+            [sys.executable, "-m", "processor.cli", "setup", "--startup-timeout", "120"],
+            env=os.environ | {"PUBSUB_EMULATOR_HOST": unreachable(), "LOG_FORMAT": "json"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert wait_until(
+            lambda: "waiting_for_dependency" in log.read_text() or setup.poll() is not None, 60
+        ), log.read_text()
+        # When it is stopped while it waits
+        setup.send_signal(stop)
+        # Then it ends at once: not done, so 128 + the signal (130, 143), and one line saying so
+        assert setup.wait(timeout=10) == 128 + stop, log.read_text()
+    finally:
+        setup.kill()
+        setup.wait()
+    output = log.read_text()
+    assert "Traceback" not in output
+    assert output.splitlines()[-1] == "mini-scan setup: stopped while waiting for Pub/Sub"
 
 
 def run_processor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
