@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.schema import DEFAULT_MAX_MESSAGE_BYTES
 from processor.store import DEFAULT_DATABASE_URL
 
 
@@ -119,6 +120,11 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
     )
     max_skew_seconds: int = Field(
         3600, ge=0, description="how far in the future a scan timestamp may be"
+    )
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        description="larger messages are dead-lettered unparsed (message_too_large)",
     )
     startup_timeout: float = Field(
         60.0, gt=0, description="seconds to wait for the subscription and the database at start"

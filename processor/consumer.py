@@ -42,6 +42,7 @@ class Processor:
         self._subscriber = subscriber
         self._metrics = metrics
         self._max_skew = settings.max_skew_seconds
+        self._max_bytes = settings.max_message_bytes
         self._batcher = Batcher(settings.batch_size, settings.batch_max_wait_ms / 1000)
         self._dead_letters = DeadLetters(
             publisher, settings.dead_letter_topic_path, settings.subscription_path, metrics
@@ -109,7 +110,9 @@ class Processor:
         try:
             self._metrics.received.inc()
             try:
-                observation = decode(message.data, max_skew=self._max_skew)
+                observation = decode(
+                    message.data, max_skew=self._max_skew, max_bytes=self._max_bytes
+                )
             except Rejection as rejection:
                 self._dead_letters.send(message, rejection.reason, rejection.message)
                 return

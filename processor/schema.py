@@ -2,6 +2,10 @@
 
 `decode(raw)` turns the bytes of one Pub/Sub message into an `Observation` or raises `Rejection`
 with a reason from the closed set `Reason`. `encode(...)` is its inverse, used by the scanner.
+
+Two rules live here: a message's size and JSON structure are bounded before it is parsed (a
+hostile shape must not cost hundreds of MB to refuse), and every admitted value can be stored the
+same way on every supported database (NUL, which PostgreSQL text cannot hold, becomes U+FFFD).
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ from typing_extensions import TypedDict
 
 MAX_SERVICE_LENGTH = 64
 DEFAULT_MAX_SKEW_SECONDS = 3600
+# Pub/Sub's own limit on a message: by default nothing Pub/Sub delivers is refused for its size.
+DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
+# Brackets, braces, commas and colons outside strings (about one per JSON value) a message may
+# hold. A scan message has 14; 10,000 leaves room for any scanner's extra fields, and parses
+# into well under a megabyte.
+MAX_JSON_TOKENS = 10_000
+# 9999-12-31T23:59:59Z: the last second SQLite's datetime() and Python's datetime can hold.
+# PostgreSQL would store a later one, then fail every read of the table.
+MAX_TIMESTAMP = 253_402_300_799
+# PostgreSQL text cannot hold U+0000; binary banners do contain it. It is stored as U+FFFD.
+NUL, REPLACEMENT = "\x00", "\ufffd"
 
 
 class Reason(StrEnum):
@@ -42,6 +57,8 @@ class Reason(StrEnum):
     INVALID_SERVICE = "invalid_service"
     INVALID_TIMESTAMP = "invalid_timestamp"
     TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    MESSAGE_TOO_COMPLEX = "message_too_complex"
     # Raised by the processor, not the decoder: the database refused the row at commit.
     STORAGE_REJECTED = "storage_rejected"
 
@@ -116,9 +133,17 @@ _FIELD_REASONS = {
 
 
 def decode(
-    raw: bytes, *, max_skew: int = DEFAULT_MAX_SKEW_SECONDS, now: float | None = None
+    raw: bytes,
+    *,
+    max_skew: int = DEFAULT_MAX_SKEW_SECONDS,
+    now: float | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Observation:
-    """Decode one message; raises `Rejection`, and nothing else, for anything unstorable."""
+    """Decode one message; raises `Rejection`, and nothing else, for anything unstorable.
+
+    The response is the message's text with each NUL replaced by U+FFFD; nothing else is altered.
+    """
+    _check_bounds(raw, max_bytes)
     try:
         message = _WireMessage.validate_json(raw)
     except ValidationError as exc:
@@ -135,7 +160,7 @@ def decode(
         port=_checked_port(message["port"]),
         service=_canonical_service(message["service"]),
         timestamp=_checked_timestamp(message["timestamp"], max_skew, now),
-        response=response,
+        response=response.replace(NUL, REPLACEMENT),
     )
 
 
@@ -158,9 +183,65 @@ def encode(observation: Observation, data_version: int = 2) -> bytes:
     return _WireMessage.dump_json(message)  # type: ignore[arg-type]
 
 
+_BACKSLASH = ord("\\")
+
+
+def _check_bounds(raw: bytes, max_bytes: int) -> None:
+    """Refuse a message too large, or with more JSON structure than any scan message could hold,
+    before the parser builds its tree: a 10 MB array of small numbers parses into 160 MB.
+
+    Free for a scan message: one no longer than MAX_JSON_TOKENS bytes cannot hold more tokens
+    than that, and is not even looked at.
+    """
+    if len(raw) > max_bytes:
+        raise Rejection(
+            Reason.MESSAGE_TOO_LARGE, f"{len(raw)} bytes, more than the limit of {max_bytes}"
+        )
+    if len(raw) <= MAX_JSON_TOKENS:
+        return
+    tokens = _tokens_outside_strings(raw)
+    if tokens is None:  # an escaped quote: take the escapes out (in C), then look again
+        tokens = _tokens_outside_strings(raw.replace(b"\\\\", b"").replace(b'\\"', b""))
+    if tokens is None or tokens > MAX_JSON_TOKENS:
+        raise Rejection(
+            Reason.MESSAGE_TOO_COMPLEX,
+            f"more than {MAX_JSON_TOKENS} brackets, braces, commas and colons outside strings",
+        )
+
+
+def _tokens_outside_strings(raw: bytes) -> int | None:
+    """The brackets, braces, commas and colons outside strings (about one per JSON value),
+    exact up to MAX_JSON_TOKENS; None if a string holds an escaped quote.
+
+    Strings are skipped by `find` (memchr), so a long response costs next to nothing to skip.
+    """
+    tokens, position = 0, 0
+    for _ in range(MAX_JSON_TOKENS + 2):
+        opening = raw.find(b'"', position)
+        end = len(raw) if opening < 0 else opening
+        tokens += (
+            raw.count(b"[", position, end)
+            + raw.count(b"{", position, end)
+            + raw.count(b",", position, end)
+            + raw.count(b":", position, end)
+        )
+        if opening < 0 or tokens > MAX_JSON_TOKENS:
+            return tokens
+        closing = raw.find(b'"', opening + 1)
+        if closing < 0:
+            return tokens  # an unterminated string: invalid JSON, for the parser to refuse
+        if raw[closing - 1] == _BACKSLASH:
+            return None
+        position = closing + 1
+    # More strings than that: valid JSON has a token before every string but the first.
+    return MAX_JSON_TOKENS + 1
+
+
 def _rejection_from(exc: ValidationError) -> Rejection:
     error = exc.errors(include_url=False, include_input=False)[0]
     kind, loc = error["type"], error["loc"]
+    if kind == "json_invalid" and "recursion limit exceeded" in error["msg"]:
+        return Rejection(Reason.MESSAGE_TOO_COMPLEX, error["msg"])  # nested too deep to parse
     if kind == "json_invalid" or kind == "json_type":
         return Rejection(Reason.INVALID_JSON, error["msg"])
     if kind in ("dict_type", "model_attributes_type") and not loc:
@@ -230,10 +311,11 @@ def _canonical_service(service: str) -> str:
 
 
 def _checked_timestamp(timestamp: int, max_skew: int, now: float | None) -> int:
-    limit = (time.time() if now is None else now) + max_skew
+    limit = min((time.time() if now is None else now) + max_skew, MAX_TIMESTAMP)
     if timestamp < 0 or timestamp > limit:
         raise Rejection(
             Reason.TIMESTAMP_OUT_OF_RANGE,
-            f"timestamp: {timestamp} is negative or more than {max_skew}s in the future",
+            f"timestamp: {timestamp} is negative, more than {max_skew}s in the future"
+            " or after the year 9999",
         )
     return timestamp

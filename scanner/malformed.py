@@ -2,6 +2,10 @@
 
 Each body is otherwise a valid v1 or v2 message, so the decoder rejects it for exactly that reason;
 the processor's dead-letter path can then be checked reason by reason.
+
+`message_too_large` has no generator: its body would have to exceed `MAX_MESSAGE_BYTES`, by default
+Pub/Sub's own limit, which Pub/Sub refuses to publish. The decoder's tests cover it with a small
+limit.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from processor.schema import Reason
+from processor.schema import MAX_JSON_TOKENS, Reason
 
 MalformedBody = Callable[[random.Random, int], bytes]
 
@@ -96,6 +100,17 @@ def _timestamp_out_of_range(rng: random.Random, now: int) -> bytes:
     return _dump({**_valid(rng, now), "timestamp": -rng.randrange(1, 86400)})
 
 
+def _message_too_complex(rng: random.Random, now: int) -> bytes:
+    # A newer scanner's extra field gone wrong: far too wide, too many keys, or too deep.
+    wide = [rng.randrange(10) for _ in range(MAX_JSON_TOKENS + 1)]
+    many_keys = {f"k{i}": i for i in range(MAX_JSON_TOKENS // 2 + 1)}
+    deep: list[Any] = []
+    for _ in range(rng.randrange(300, 400)):
+        deep = [deep]
+    extra = rng.choice((wide, many_keys, deep))
+    return _dump({**_valid(rng, now), "extra": extra})
+
+
 MALFORMED: dict[Reason, MalformedBody] = {
     Reason.INVALID_JSON: _invalid_json,
     Reason.NOT_AN_OBJECT: _not_an_object,
@@ -109,6 +124,8 @@ MALFORMED: dict[Reason, MalformedBody] = {
     Reason.INVALID_SERVICE: _invalid_service,
     Reason.INVALID_TIMESTAMP: _invalid_timestamp,
     Reason.TIMESTAMP_OUT_OF_RANGE: _timestamp_out_of_range,
+    Reason.MESSAGE_TOO_COMPLEX: _message_too_complex,
 }
-# The decoder's reasons, in declaration order; storage_rejected is the processor's, not a body's.
+# The decoder's reasons, in declaration order, but message_too_large (see above);
+# storage_rejected is the processor's, not a body's.
 MALFORMED_REASONS: tuple[Reason, ...] = tuple(MALFORMED)

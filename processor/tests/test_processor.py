@@ -8,10 +8,11 @@ import time
 
 from emulator.testing import free_port, wait_until
 from processor.schema import Observation
+from processor.store import migrate, open_engine
 from processor.tests.conftest import http_get, metric, scan
 from processor.tests.oracle import expected_rows, stored_rows
 from processor.tests.tcpproxy import tcp_proxy
-from processor.tests.test_schema import BAD_INPUTS
+from processor.tests.test_schema import BAD_INPUTS, CATALOGUE_MAX_BYTES
 
 NOW = int(time.time())
 # How long the database stays unreachable in the outage test beyond the moment the processor
@@ -81,7 +82,7 @@ def test_every_rejection_lands_on_the_dead_letter_topic_with_its_reason(
     emulator_host, make_pipeline
 ):
     # Given each kind of bad input, each between two good messages
-    pipeline = make_pipeline()
+    pipeline = make_pipeline(max_message_bytes=CATALOGUE_MAX_BYTES)
     good = observations(2 * len(BAD_INPUTS) + 2, keys=250, seed=4)
     for i, (label, body, _) in enumerate(BAD_INPUTS):
         publish_observations(pipeline, good[2 * i : 2 * i + 2])
@@ -105,23 +106,31 @@ def test_every_rejection_lands_on_the_dead_letter_topic_with_its_reason(
     assert pipeline.dead_letters(expected=1, timeout=1) == []  # dead-lettered once, not looped
 
 
-def test_a_row_postgresql_refuses_is_dead_lettered_alone(
+def test_a_row_the_database_refuses_is_dead_lettered_alone(
     emulator_host, make_pipeline, postgres_url
 ):
-    # Given a batch in which one response holds a NUL character, which PostgreSQL cannot store
+    # Given a constraint one row of a batch breaks (as a migration could add); the decoder admits
+    # only values both databases can store, so it takes a constraint to refuse one
+    engine = open_engine(postgres_url)
+    migrate(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE services ADD CONSTRAINT no_poison CHECK (response <> 'poison')"
+        )
+    engine.dispose()
     pipeline = make_pipeline(database_url=postgres_url, batch_max_wait_ms=500)
     good = observations(40, keys=40, seed=5)
     publish_observations(pipeline, good[:20])
-    pipeline.publish([scan("9.9.9.9", 1, "HTTP", NOW, "nul \x00 byte")], case="nul")
+    pipeline.publish([scan("9.9.9.9", 1, "HTTP", NOW, "poison")], case="poison")
     publish_observations(pipeline, good[20:])
     # When the processor stores the batch
     stop = pipeline.start_processor()
     # Then only that message is dead-lettered, as storage_rejected, and the rest is stored
     letters = pipeline.dead_letters(expected=1)
     assert [(m.attributes["case"], m.attributes["reason"]) for m in letters] == [
-        ("nul", "storage_rejected")
+        ("poison", "storage_rejected")
     ]
-    assert "NUL" in letters[0].attributes["error"]
+    assert "no_poison" in letters[0].attributes["error"]
     assert reaches_oracle(pipeline, good)
     assert stop() == 0
 

@@ -9,9 +9,20 @@ from typing import Any
 
 import pytest
 
-from processor.schema import Observation, Reason, Rejection, decode, encode
+from processor.schema import (
+    MAX_JSON_TOKENS,
+    MAX_TIMESTAMP,
+    Observation,
+    Reason,
+    Rejection,
+    decode,
+    encode,
+)
 
 NOW = 1_750_000_000
+# The catalogue is decoded (and published, in test_processor) with this MAX_MESSAGE_BYTES: the
+# default is Pub/Sub's own limit, which no publishable message exceeds.
+CATALOGUE_MAX_BYTES = 100_000
 
 
 def message(**overrides: Any) -> dict[str, Any]:
@@ -89,6 +100,13 @@ def test_a_timestamp_within_the_default_skew_is_accepted():
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 BAD_INPUTS: list[tuple[str, bytes, Reason]] = [
@@ -169,13 +187,23 @@ BAD_INPUTS: list[tuple[str, bytes, Reason]] = [
     ("timestamp as float", raw(timestamp=1750000000.5), Reason.INVALID_TIMESTAMP),
     ("timestamp negative", raw(timestamp=-1), Reason.TIMESTAMP_OUT_OF_RANGE),
     ("timestamp far future", raw(timestamp=NOW + 10 * 365 * 86400), Reason.TIMESTAMP_OUT_OF_RANGE),
+    ("ip with a NUL", raw(ip="1.1.1.1\x00"), Reason.INVALID_IP),
+    ("ip with a NUL zone id", raw(ip="fe80::1%\x00"), Reason.INVALID_IP),
+    ("message too large", raw() + b" " * CATALOGUE_MAX_BYTES, Reason.MESSAGE_TOO_LARGE),
+    ("array too wide", raw(extra=[0] * MAX_JSON_TOKENS), Reason.MESSAGE_TOO_COMPLEX),
+    (
+        "too many keys",
+        raw(extra={f"k{i}": None for i in range(MAX_JSON_TOKENS // 2)}),
+        Reason.MESSAGE_TOO_COMPLEX,
+    ),
+    ("nested too deep", raw(extra=_nested(250)), Reason.MESSAGE_TOO_COMPLEX),
 ]
 
 
 @pytest.mark.parametrize(("label", "body", "reason"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_rejected_with_its_reason(label: str, body: bytes, reason: Reason):
     with pytest.raises(Rejection) as caught:
-        decode(body, now=NOW)
+        decode(body, now=NOW, max_bytes=CATALOGUE_MAX_BYTES)
 
     assert caught.value.reason == reason, caught.value.message
     assert caught.value.message
@@ -185,3 +213,51 @@ def test_the_catalogue_covers_every_decoder_reason():
     covered = {reason for _, _, reason in BAD_INPUTS}
 
     assert covered == set(Reason) - {Reason.STORAGE_REJECTED}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_nul_in_the_response_is_stored_as_the_replacement_character(version: int):
+    nul = Observation("1.1.1.1", 80, "HTTP", NOW, "\x00\x01 banner \x00\x00\ufffd")
+
+    decoded = decode(encode(nul, version), now=NOW)
+
+    assert decoded.response == "\ufffd\x01 banner \ufffd\ufffd\ufffd"
+    assert decoded == nul._replace(response=decoded.response)
+
+
+def test_a_timestamp_after_the_year_9999_is_out_of_range_whatever_the_skew():
+    skew = 10**12
+
+    assert decode(raw(timestamp=MAX_TIMESTAMP), now=NOW, max_skew=skew).timestamp == MAX_TIMESTAMP
+    with pytest.raises(Rejection) as caught:
+        decode(raw(timestamp=MAX_TIMESTAMP + 1), now=NOW, max_skew=skew)
+    assert caught.value.reason == Reason.TIMESTAMP_OUT_OF_RANGE
+
+
+def test_the_size_limit_admits_a_message_of_exactly_that_many_bytes():
+    body = raw()
+
+    assert decode(body, now=NOW, max_bytes=len(body)).port == 80
+    with pytest.raises(Rejection) as caught:
+        decode(body, now=NOW, max_bytes=len(body) - 1)
+    assert caught.value.reason == Reason.MESSAGE_TOO_LARGE
+
+
+def test_the_structure_limit_admits_exactly_max_json_tokens():
+    # A scan message has 14 tokens; "extra" adds its colon, a comma, a bracket and n - 1 commas.
+    at_limit = raw(extra=[0] * (MAX_JSON_TOKENS - 16))
+    over = raw(extra=[0] * (MAX_JSON_TOKENS - 15))
+
+    assert decode(at_limit, now=NOW).port == 80
+    with pytest.raises(Rejection) as caught:
+        decode(over, now=NOW)
+    assert caught.value.reason == Reason.MESSAGE_TOO_COMPLEX
+
+
+def test_brackets_commas_quotes_and_backslashes_inside_strings_are_not_structure():
+    # Given a large response full of what would be structure outside a string, with escaped
+    # quotes and backslashes that a naive scan would take for the string's end
+    response = '\\",[{:' * (2 * MAX_JSON_TOKENS) + '\\\\"' * MAX_JSON_TOKENS
+    body = raw(data={"response_str": response}, note='"[,]"')
+    # Then it is an ordinary message
+    assert decode(body, now=NOW).response == response
