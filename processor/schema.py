@@ -38,8 +38,6 @@ MAX_JSON_TOKENS = 10_000
 # 9999-12-31T23:59:59Z: the last second SQLite's datetime() and Python's datetime can hold.
 # PostgreSQL would store a later one, then fail every read of the table.
 MAX_TIMESTAMP = 253_402_300_799
-# PostgreSQL text cannot hold U+0000; binary banners do contain it. It is stored as U+FFFD.
-NUL, REPLACEMENT = "\x00", "\ufffd"
 
 
 class Reason(StrEnum):
@@ -143,7 +141,9 @@ def decode(
 
     The response is the message's text with each NUL replaced by U+FFFD; nothing else is altered.
     """
-    _check_bounds(raw, max_bytes)
+    size = len(raw)
+    if size > MAX_JSON_TOKENS or size > max_bytes:  # inline: a scan message skips the call
+        _check_bounds(raw, max_bytes)
     try:
         message = _WireMessage.validate_json(raw)
     except ValidationError as exc:
@@ -160,7 +160,7 @@ def decode(
         port=_checked_port(message["port"]),
         service=_canonical_service(message["service"]),
         timestamp=_checked_timestamp(message["timestamp"], max_skew, now),
-        response=response.replace(NUL, REPLACEMENT),
+        response=response.replace("\x00", "\ufffd") if "\x00" in response else response,
     )
 
 
@@ -311,8 +311,8 @@ def _canonical_service(service: str) -> str:
 
 
 def _checked_timestamp(timestamp: int, max_skew: int, now: float | None) -> int:
-    limit = min((time.time() if now is None else now) + max_skew, MAX_TIMESTAMP)
-    if timestamp < 0 or timestamp > limit:
+    limit = (time.time() if now is None else now) + max_skew
+    if timestamp < 0 or timestamp > limit or timestamp > MAX_TIMESTAMP:
         raise Rejection(
             Reason.TIMESTAMP_OUT_OF_RANGE,
             f"timestamp: {timestamp} is negative, more than {max_skew}s in the future"
