@@ -13,9 +13,10 @@ from typing import Any
 
 import structlog
 
-from emulator import _pb, config, limits, names
+from emulator import config, limits, names
 from emulator.clock import Clock
-from emulator.errors import AlreadyExists, NotFound
+from emulator.deadletter import DeadLetterStats, dead_letter_copy
+from emulator.errors import AlreadyExists, EmulatorError, NotFound
 from emulator.model import Entry, StoredMessage
 from emulator.subscription import SubscriptionState
 
@@ -60,6 +61,7 @@ class Broker:
         self._subs: dict[str, _Subscription] = {}
         self._message_ids = itertools.count(1)
         self.clock = Clock()
+        self.dead_letters = DeadLetterStats(self.clock)
         # Once set, new StreamingPulls are refused so clients cannot reconnect during shutdown.
         self.shutting_down = False
 
@@ -137,9 +139,12 @@ class Broker:
 
         `nbytes` is the request's serialized size, computed here when the caller has none.
         """
-        limits.check_publish(
-            messages, limits.request_bytes(topic, messages) if nbytes is None else nbytes
-        )
+        if nbytes is None:
+            nbytes = limits.request_bytes(topic, messages)
+        limits.check_publish(messages, nbytes)
+        return self._fan_out(topic, messages)
+
+    def _fan_out(self, topic: str, messages: list[Any]) -> list[str]:
         now_ns = time.time_ns()
         with self._lock:
             target = self._topic(topic)
@@ -155,31 +160,49 @@ class Broker:
         return StoredMessage(pb, pb.ByteSize(), now_ns / 1e9, pb.ordering_key)
 
     def _dead_letter(self, state: SubscriptionState, entries: list[Entry]) -> None:
-        """Forward exhausted messages with the attributes the real service adds."""
+        """Forward exhausted messages; any that cannot go stay on their subscription."""
         with self._lock:
             sub = self._subs.get(state.name)
-            if sub is None:
+            if sub is None or sub.state is not state:
+                return  # the subscription was deleted, and its messages with it
+            if not sub.pb.HasField("dead_letter_policy"):
+                state.requeue(entries)  # the policy was removed meanwhile: deliver as usual
                 return
             dlq_topic = sub.pb.dead_letter_policy.dead_letter_topic
         project, sub_id = names.parse(state.name, "subscriptions")
-        forwarded = []
+        fits: list[Entry] = []
+        copies: list[Any] = []
+        failed: list[Entry] = []
+        error = ""
         for e in entries:
-            original = e.msg.pb
-            msg = _pb.PubsubMessage(data=original.data, ordering_key=original.ordering_key)
-            msg.attributes.update(original.attributes)
-            msg.attributes.update(
-                {
-                    "CloudPubSubDeadLetterSourceDeliveryCount": str(e.attempts),
-                    "CloudPubSubDeadLetterSourceSubscription": sub_id,
-                    "CloudPubSubDeadLetterSourceSubscriptionProject": project,
-                    "CloudPubSubDeadLetterSourceTopicPublishTime": _rfc3339_millis(original),
-                }
-            )
-            forwarded.append(msg)
-        try:
-            self.publish(dlq_topic, forwarded)
-        except NotFound:
-            _log.warning("dead_letter_topic_missing", topic=dlq_topic, dropped=len(entries))
+            copy = dead_letter_copy(e, project, sub_id)
+            try:
+                limits.check_publish([copy], limits.request_bytes(dlq_topic, [copy]))
+            except EmulatorError as exc:
+                failed.append(e)
+                error = str(exc)
+                continue
+            fits.append(e)
+            copies.append(copy)
+        if fits:
+            try:
+                self._fan_out(dlq_topic, copies)  # each copy was checked as its own request
+            except EmulatorError as exc:
+                failed += fits
+                fits, error = [], str(exc)
+            else:
+                state.forwarded(fits)
+                self.dead_letters.record_forwarded(len(fits))
+        if failed:
+            state.requeue(failed)
+            self.dead_letters.record_failure(state.name, dlq_topic, error, len(failed))
+
+    def stats(self) -> dict[str, int]:
+        """Counters for tests and operators (also served by the REST front at /emulator/stats)."""
+        return {
+            "dead_lettered": self.dead_letters.forwarded,
+            "dead_letter_forward_failures": self.dead_letters.failures,
+        }
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -268,9 +291,3 @@ class Broker:
             states = [s.state for s in self._subs.values()]
         for state in states:
             state.purge_expired()
-
-
-def _rfc3339_millis(msg: Any) -> str:
-    t = msg.publish_time
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t.seconds))
-    return f"{stamp}.{t.nanos // 1_000_000:03d}+00:00"

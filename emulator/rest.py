@@ -120,6 +120,8 @@ def _handler_class(service: Service) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(length) if length else b""
 
         def _call(self, path: str, query: str, body: bytes) -> dict[str, Any]:
+            if path == "/emulator/stats" and self.command == "GET":
+                return dict(service.b.stats())
             for method, pattern, rpc, request_type in _ROUTES:
                 match = pattern.fullmatch(path)
                 if match and method == self.command:

@@ -62,6 +62,10 @@ class Emulator:
         _log.info("emulator_listening", grpc=self.address, rest=self.rest_address)
         return self
 
+    def stats(self) -> dict[str, int]:
+        """The broker's counters: dead letters forwarded, and forwards that failed."""
+        return self.broker.stats()
+
     def drop_streams(self) -> None:
         """Abort every open StreamingPull with UNAVAILABLE, as a network blip would."""
         self.broker.close_all_streams("UNAVAILABLE", "Stream dropped by the emulator.")

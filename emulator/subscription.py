@@ -269,11 +269,14 @@ class SubscriptionState:
         e.ack_id, e.stream = None, None
 
     def _redeliver(self, e: Entry, dead: list[Entry]) -> None:
-        """Put an unacked message back, after its backoff, or collect it for dead-lettering."""
+        """Put an unacked message back, after its backoff, or collect it for dead-lettering
+        (keeping its ordering key busy until the forward is done)."""
         if self.policy.max_attempts and e.attempts >= self.policy.max_attempts:
-            self._release_key(e)
             dead.append(e)
             return
+        self._retry(e)
+
+    def _retry(self, e: Entry) -> None:
         delay = self.policy.backoff(e.attempts)
         if delay <= 0:
             self._ready.appendleft(e)
@@ -285,6 +288,22 @@ class SubscriptionState:
             if not self._deleted:
                 self._ready.append(e)
                 self._wake()
+
+    def forwarded(self, entries: list[Entry]) -> None:
+        """The broker published these to the dead-letter topic: they are done here."""
+        with self._lock:
+            for e in entries:
+                self._release_key(e)
+            self._wake()
+
+    def requeue(self, entries: list[Entry]) -> None:
+        """Their dead-letter forward failed: deliver them again, as Pub/Sub would."""
+        with self._lock:
+            if self._deleted:
+                return
+            for e in entries:
+                self._retry(e)
+            self._wake()
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -95,3 +95,14 @@ def test_rest_errors_carry_the_canonical_status(rest):
     rest("PUT", topic)
     assert rest("PUT", topic)[1]["error"]["status"] == "ALREADY_EXISTS"
     assert rest("GET", unique("topics"))[1]["error"]["status"] == "NOT_FOUND"
+
+
+def test_the_emulator_serves_its_counters_at_emulator_stats(emulator):
+    url = f"http://{emulator.rest_address}/emulator/stats"
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        stats = json.loads(resp.read())
+
+    after = emulator.stats()
+    assert set(stats) == set(after) == {"dead_lettered", "dead_letter_forward_failures"}
+    assert all(0 <= stats[name] <= after[name] for name in stats), "the same counters"
