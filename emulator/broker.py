@@ -16,7 +16,7 @@ import structlog
 from emulator import config, limits, names
 from emulator.clock import Clock
 from emulator.deadletter import DeadLetterStats, dead_letter_copy
-from emulator.errors import AlreadyExists, EmulatorError, NotFound
+from emulator.errors import AlreadyExists, EmulatorError, InvalidArgument, NotFound
 from emulator.model import Entry, StoredMessage
 from emulator.subscription import SubscriptionState
 
@@ -30,12 +30,14 @@ class _Topic:
     def __init__(self, pb: Any) -> None:
         self.pb = pb
         self.subscriptions: set[str] = set()
+        self.policy: Any | None = None  # IAM policy, gone with the topic
 
 
 class _Subscription:
     def __init__(self, pb: Any, state: SubscriptionState) -> None:
         self.pb = pb
         self.state = state
+        self.policy: Any | None = None
 
 
 def _page(names_sorted: list[str], page_size: int, token: str) -> tuple[list[str], str]:
@@ -124,6 +126,18 @@ class Broker:
     ) -> tuple[list[str], str]:
         with self._lock:
             return _page(sorted(self._topic(topic).subscriptions), page_size, token)
+
+    def resource(self, name: str) -> _Topic | _Subscription:
+        """The topic or subscription `name` names, for state that lives and dies with it."""
+        parts = name.split("/")
+        kind = parts[2] if len(parts) == 4 else ""
+        with self._lock:
+            if kind == "topics":
+                return self._topic(name)
+            if kind == "subscriptions":
+                return self._sub(name)
+        # Google's emulator's wording; the service's is not quoted anywhere we found.
+        raise InvalidArgument(f"Invalid [topics, subscriptions] name: (name={name})")
 
     def _topic(self, name: str) -> _Topic:
         names.topic(name)

@@ -33,3 +33,8 @@ class FailedPrecondition(EmulatorError):
 class Unavailable(EmulatorError):
     code = "UNAVAILABLE"
     http_status = 503
+
+
+class Aborted(EmulatorError):
+    code = "ABORTED"
+    http_status = 409

@@ -1,4 +1,4 @@
-"""The gRPC face of the broker: Publisher and Subscriber services registered by method path."""
+"""The gRPC face of the broker: Publisher, Subscriber and IAMPolicy, registered by method path."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from google.iam.v1 import iam_policy_pb2
 
 from emulator import _pb
 from emulator.broker import Broker
@@ -52,6 +53,13 @@ _SUBSCRIBER = {
     "ModifyAckDeadline": _pb.ModifyAckDeadlineRequest,
     "Acknowledge": _pb.AcknowledgeRequest,
     "Pull": _pb.PullRequest,
+}
+
+# Pub/Sub's IAM is the separate google.iam.v1.IAMPolicy service on the same endpoint.
+_IAM_POLICY = {
+    "SetIamPolicy": iam_policy_pb2.SetIamPolicyRequest,
+    "GetIamPolicy": iam_policy_pb2.GetIamPolicyRequest,
+    "TestIamPermissions": iam_policy_pb2.TestIamPermissionsRequest,
 }
 
 
@@ -125,6 +133,9 @@ def build_server(
         (
             grpc.method_handlers_generic_handler("google.pubsub.v1.Publisher", publisher),
             grpc.method_handlers_generic_handler("google.pubsub.v1.Subscriber", subscriber),
+            grpc.method_handlers_generic_handler(
+                "google.iam.v1.IAMPolicy", _unary_handlers(_IAM_POLICY, handlers, faults)
+            ),
         )
     )
     return server

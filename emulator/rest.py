@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from google.iam.v1 import iam_policy_pb2
 from google.protobuf import json_format
 
 from emulator import _pb, limits
@@ -24,6 +25,10 @@ from emulator.service import Service
 _P = r"/v1/projects/(?P<project>[^/:]+)"
 _T = _P + r"/topics/(?P<topic>[^/:]+)"
 _S = _P + r"/subscriptions/(?P<sub>[^/:]+)"
+
+_GET_POLICY = iam_policy_pb2.GetIamPolicyRequest
+_SET_POLICY = iam_policy_pb2.SetIamPolicyRequest
+_TEST = iam_policy_pb2.TestIamPermissionsRequest
 
 # (HTTP method, path pattern, RPC name, request type); the path names the resource.
 _ROUTES: list[tuple[str, re.Pattern[str], str, Any]] = [
@@ -46,6 +51,15 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, Any]] = [
     ("DELETE", re.compile(_S), "DeleteSubscription", _pb.DeleteSubscriptionRequest),
     ("POST", re.compile(_S + ":pull"), "Pull", _pb.PullRequest),
     ("POST", re.compile(_S + ":acknowledge"), "Acknowledge", _pb.AcknowledgeRequest),
+    *(
+        route
+        for resource in (_T, _S)
+        for route in (
+            ("GET", re.compile(resource + ":getIamPolicy"), "GetIamPolicy", _GET_POLICY),
+            ("POST", re.compile(resource + ":setIamPolicy"), "SetIamPolicy", _SET_POLICY),
+            ("POST", re.compile(resource + ":testIamPermissions"), "TestIamPermissions", _TEST),
+        )
+    ),
     (
         "POST",
         re.compile(_S + ":modifyAckDeadline"),
@@ -62,7 +76,9 @@ def _fill_path(request: Any, match: re.Match[str]) -> None:
     topic = f"{project}/topics/{fields['topic']}" if fields.get("topic") else None
     sub = f"{project}/subscriptions/{fields['sub']}" if fields.get("sub") else None
     names = request.DESCRIPTOR.fields_by_name
-    if "project" in names:
+    if "resource" in names:
+        request.resource = topic or sub
+    elif "project" in names:
         request.project = project
     elif isinstance(request, _pb.Topic):
         request.name = topic

@@ -10,16 +10,18 @@ from typing import Any
 from emulator import _pb, limits
 from emulator.broker import Broker
 from emulator.errors import InvalidArgument
+from emulator.iam import IamPolicies
 
 # Unary Pull long-polls this long for a first message before answering empty.
 PULL_WAIT_SECONDS = 3.0
 
 
 class Service:
-    """One method per Pub/Sub RPC, named as the RPC."""
+    """One method per Pub/Sub RPC, named as the RPC (IAMPolicy's three included)."""
 
     def __init__(self, broker: Broker) -> None:
         self.b = broker
+        self.iam = IamPolicies(broker)
 
     def CreateTopic(self, r: Any) -> Any:
         return self.b.create_topic(r)
@@ -92,3 +94,12 @@ class Service:
             if with_attempt:
                 rm.delivery_attempt = attempt
         return resp
+
+    def GetIamPolicy(self, r: Any) -> Any:
+        return self.iam.GetIamPolicy(r)
+
+    def SetIamPolicy(self, r: Any) -> Any:
+        return self.iam.SetIamPolicy(r)
+
+    def TestIamPermissions(self, r: Any) -> Any:
+        return self.iam.TestIamPermissions(r)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,3 +85,22 @@ def subscribe(subscriber: pubsub_v1.SubscriberClient) -> Iterator[Callable[..., 
         # A cancelled future may report how its stream ended; that is not this test's concern.
         with contextlib.suppress(Exception):
             future.result(timeout=10)
+
+
+@pytest.fixture
+def rest(emulator: Emulator) -> Callable[..., tuple[int, Any]]:
+    """Call the REST front: rest(method, "projects/...", json_body) -> (HTTP status, JSON)."""
+    base = f"http://{emulator.rest_address}/v1/"
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(  # noqa: S310 - a local http URL we built
+            base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    return call

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -145,29 +142,13 @@ def test_the_high_level_publisher_gets_a_message_exactly_at_the_request_limit_th
     assert emulator.broker.subscription(sub).backlog() == (1, 0)
 
 
-def _rest(emulator: Any, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"http://{emulator.rest_address}/v1/{path}",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def _rest_publish(emulator: Any, topic: str, messages: list[dict[str, Any]]) -> tuple[int, Any]:
-    return _rest(emulator, f"{topic}:publish", json.dumps({"messages": messages}).encode())
-
-
-def test_rest_publish_applies_the_same_limits(emulator, topic):
+def test_rest_publish_applies_the_same_limits(rest, topic):
     data = base64.b64encode(b"m").decode()
 
-    ok = _rest_publish(emulator, topic, [{"data": data, "attributes": attrs(100)}])
-    over = _rest_publish(emulator, topic, [{"data": data, "attributes": attrs(101)}])
+    ok = rest("POST", f"{topic}:publish", {"messages": [{"data": data, "attributes": attrs(100)}]})
+    over = rest(
+        "POST", f"{topic}:publish", {"messages": [{"data": data, "attributes": attrs(101)}]}
+    )
 
     assert ok[0] == 200
     assert over[0] == 400
@@ -175,11 +156,11 @@ def test_rest_publish_applies_the_same_limits(emulator, topic):
     assert "maximum value is 100" in over[1]["error"]["message"]
 
 
-def test_a_rest_body_over_10_mib_is_refused_by_the_front_end(emulator, topic):
+def test_a_rest_body_over_10_mib_is_refused_by_the_front_end(rest, topic):
     # 7.9 MB of data is 10.5 MB of base64: over the front end's cap though the message would fit.
     data = base64.b64encode(b"x" * 7_900_000).decode()
 
-    status, body = _rest_publish(emulator, topic, [{"data": data}])
+    status, body = rest("POST", f"{topic}:publish", {"messages": [{"data": data}]})
 
     assert status == 400
     assert body["error"] == {

@@ -6,29 +6,8 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from typing import Any
-
-import pytest
 
 from emulator.tests.helpers import PROJECT, unique
-
-
-@pytest.fixture
-def rest(emulator):
-    base = f"http://{emulator.rest_address}/v1/"
-
-    def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 - a local http URL we built
-            base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    return call
 
 
 def test_rest_publish_pull_and_acknowledge_round_trip(rest):
