@@ -28,6 +28,7 @@ from rich.table import Table
 
 from emulator import Emulator
 from emulator.testing import free_port
+from processor.app import StartupError
 from processor.config import (
     ArgumentParser,
     ConfigError,
@@ -40,6 +41,7 @@ from processor.config import (
 from processor.observability import redact_url
 from processor.query import QueryError, read_engine
 from processor.setup import ensure_resources
+from processor.stopping import Stopped, stop_on_signals
 
 _CHILD_GRACE = 15.0  # a processor's own grace is 10 s
 
@@ -84,35 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     console = Console()
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(stop_on_signals())
         host = settings.pubsub_emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
         if not host:
             emulator = Emulator(port=0).start()
             stack.callback(emulator.stop)
             host = emulator.address
         os.environ["PUBSUB_EMULATOR_HOST"] = host
-        ensure_resources(
-            SetupSettings(**settings.model_dump(include=set(PubSubSettings.model_fields)))
-        )
-        args.logs.mkdir(parents=True, exist_ok=True)
-        env = os.environ | _environment(settings, host)
-        children = [
-            _spawn(
-                "scanner",
-                ["scanner", "--rate", str(args.rate), "--progress-every", "1"],
-                env,
-                args.logs,
-            )
-        ]
-        children += [
-            _spawn(f"processor-{i + 1}", ["processor"], env, args.logs, metrics_port=free_port())
-            for i in range(args.processors)
-        ]
+        # Registered before the first spawn: whatever happens from here (a stop, a failed
+        # spawn), every child started so far is stopped, not left behind in its own session.
+        children: list[Child] = []
         stack.callback(_stop_children, children)
+        try:
+            setup = SetupSettings(**settings.model_dump(include=set(PubSubSettings.model_fields)))
+            ensure_resources(setup, stop)
+            _spawn_all(children, args, _environment(settings, host), stop)
+        except Stopped as exc:  # a stop is this command's normal end, before start-up too
+            console.print(f"{exc}: stopping")
+            return 0
+        except (StartupError, OSError) as exc:
+            print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 1
         started = time.monotonic()
         with Live(console=console, refresh_per_second=4, transient=False) as live:
             view = _View(settings, host, children, args.logs)
@@ -136,19 +132,32 @@ def _environment(settings: UpSettings, host: str) -> dict[str, str]:
     return values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
 
 
+def _spawn_all(
+    children: list[Child], args: argparse.Namespace, env: dict[str, str], stop: threading.Event
+) -> None:
+    """The scanner, then the processors, each appended to `children` as it starts; raises
+    `Stopped` if a stop comes first (the caller stops those already running)."""
+    args.logs.mkdir(parents=True, exist_ok=True)
+    plan = [("scanner", ["scanner", "--rate", str(args.rate), "--progress-every", "1"], None)]
+    plan += [(f"processor-{i + 1}", ["processor"], free_port()) for i in range(args.processors)]
+    for name, module, metrics_port in plan:
+        if stop.is_set():
+            raise Stopped(f"stopped before {name} was started")
+        children.append(_spawn(name, module, env, args.logs, metrics_port))
+
+
 def _spawn(
     name: str, module: list[str], env: dict[str, str], logs: Path, metrics_port: int | None = None
 ) -> Child:
-    log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its life
     child_env = env | ({"METRICS_PORT": str(metrics_port)} if metrics_port else {})
-    process = subprocess.Popen(
-        [sys.executable, "-m", *module],
-        env=child_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C reaches us only: we stop the children in order
-    )
-    log.close()
+    with open(logs / f"{name}.log", "ab") as log:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [sys.executable, "-m", *module],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us only: we stop the children in order
+        )
     return Child(name, process, metrics_port)
 
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import IO
 
 import structlog
 from google.cloud import pubsub_v1
 
 from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
+from processor.stopping import Stopped, stop_on_signals
 from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
 from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic
 
@@ -126,15 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(settings: PubSubSettings, generator: ScanGenerator, args: argparse.Namespace) -> int:
     client = pubsub_v1.PublisherClient()
-    try:
-        check_topic(client, settings.topic_path)
-    except (TopicMissing, PubSubUnreachable) as exc:
-        print(f"mini-scan scan: error: {exc}", file=sys.stderr)
-        return 1
-    tally = _Tally(args.log)
-    publisher = BatchPublisher(client, settings.topic_path, on_confirmed=tally.confirmed)
-    _log.info("scanner_started", topic=settings.topic_path, rate=args.rate, count=args.count)
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:  # a stop while the topic is checked ends the scanner too
+        try:
+            check_topic(client, settings.topic_path, stop=stop)
+        except Stopped as exc:  # a stop is this command's normal end, before the first message too
+            _log.info("scanner_stopped", reason=str(exc))
+            return 0
+        except (TopicMissing, PubSubUnreachable) as exc:
+            print(f"mini-scan scan: error: {exc}", file=sys.stderr)
+            return 1
+        tally = _Tally(args.log)
+        publisher = BatchPublisher(client, settings.topic_path, on_confirmed=tally.confirmed)
+        _log.info("scanner_started", topic=settings.topic_path, rate=args.rate, count=args.count)
         started = time.monotonic()
         try:
             _produce(generator, publisher, tally, args, stop)
@@ -220,21 +222,6 @@ class _Tally:
 
 def _wall_clock() -> int:
     return int(time.time())
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event (the loop then flushes and exits 0) instead of raising."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signals only reach the main thread; a caller on another thread stops us
-        return
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _configure_logging(settings: PubSubSettings) -> None:

@@ -22,6 +22,7 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher.client import PublisherClient as GapicPublisherClient
 from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
+from processor.stopping import Stopped
 from scanner.generator import ScanMessage
 
 _log = structlog.get_logger("scanner")
@@ -40,13 +41,26 @@ class PubSubUnreachable(Exception):
     """Pub/Sub did not answer: the one-line reason is the message."""
 
 
-def check_topic(client: pubsub_v1.PublisherClient, topic: str, timeout: float = 15.0) -> None:
-    """Raise `TopicMissing` or `PubSubUnreachable` unless `topic` exists and answers."""
+def check_topic(
+    client: pubsub_v1.PublisherClient,
+    topic: str,
+    timeout: float = 15.0,
+    stop: threading.Event | None = None,
+) -> None:
+    """Raise `TopicMissing` or `PubSubUnreachable` unless `topic` exists and answers; raise
+    `Stopped` when `stop` is set while Pub/Sub does not answer."""
+
+    def before_retry(error: Exception) -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"stopped while waiting for {topic}")
+        _log.warning("waiting_for_dependency", dependency="topic", error=str(error).split("\n")[0])
+
     retry = api_retry.Retry(
         predicate=api_retry.if_exception_type(api_exceptions.ServiceUnavailable),
         initial=0.1,
         maximum=1.0,
         timeout=timeout,
+        on_error=before_retry,
     )
     try:
         client.get_topic(request={"topic": topic}, retry=retry, timeout=timeout)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.testing import wait_until
+from emulator.testing import free_port, wait_until
 from processor.schema import Rejection, decode
 from scanner.cli import main
 from scanner.malformed import MALFORMED_REASONS
@@ -103,6 +103,29 @@ def test_sigterm_flushes_what_was_published_and_exits_zero(stream: Stream, tmp_p
     summary = json.loads(stderr.splitlines()[-1])
     assert summary["event"] == "scanner_finished"
     assert summary["confirmed"] == len(published)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_scanner_waiting_for_pubsub_stops_at_once_and_exits_zero(tmp_path, stop) -> None:
+    # Given a scanner whose Pub/Sub does not answer (nothing listens at its address)
+    log = tmp_path / "scanner.log"
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}", "LOG_FORMAT": "json"}
+    with open(log, "wb") as out:
+        cmd = [sys.executable, "-m", "scanner", "--pubsub-project-id", PROJECT]
+        scanner = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(
+            lambda: "waiting_for_dependency" in log.read_text() or scanner.poll() is not None, 60
+        ), log.read_text()
+        # When it is stopped while it waits for its topic
+        scanner.send_signal(stop)
+        # Then it ends at once, with 0: a stop is the scanner's normal end
+        assert scanner.wait(timeout=10) == 0, log.read_text()
+    finally:
+        scanner.kill()
+        scanner.wait()
+    assert "Traceback" not in log.read_text()
+    assert '"event": "scanner_stopped"' in log.read_text()
 
 
 @pytest.mark.parametrize(
