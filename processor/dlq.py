@@ -9,8 +9,12 @@ confirmed; everything else is handed back.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,19 +27,29 @@ from rich.table import Table
 from processor.app import subscriber_client
 from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
 from processor.observability import excerpt
+from processor.stopping import Stopped, stop_on_signals
 
 # Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
 _ADDED = {"reason", "error", "source_subscription", "source_message_id", "source_publish_time"}
 _ADDED_PREFIX = "CloudPubSubDeadLetterSource"
 _LEASE_SECONDS = 600  # long enough to read a large backlog without it coming back mid-read
+_CONFIRM_SECONDS = 60  # how long replay waits for its republishes to be confirmed
 
 
 def read_dead_letters(
-    subscriber: pubsub_v1.SubscriberClient, subscription: str, limit: int
+    subscriber: pubsub_v1.SubscriberClient,
+    subscription: str,
+    limit: int,
+    received: list[Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Any]:
-    """Pull up to `limit` dead letters and keep them leased; the caller acks or hands back."""
-    received: list[Any] = []
+    """Pull up to `limit` dead letters into `received` (a new list by default) and keep them
+    leased; the caller acks or hands back. Raises `Stopped` between pulls once `stop` is set
+    (never mid-pull: a pull left waiting would lease what was handed back)."""
+    received = [] if received is None else received
     while len(received) < limit:
+        if stop is not None and stop.is_set():
+            raise Stopped("stopped while reading dead letters")
         response = subscriber.pull(
             request={
                 "subscription": subscription,
@@ -45,15 +59,14 @@ def read_dead_letters(
         )
         if not response.received_messages:
             break
-        ack_ids = [m.ack_id for m in response.received_messages]
+        received.extend(response.received_messages)
         subscriber.modify_ack_deadline(
             request={
                 "subscription": subscription,
-                "ack_ids": ack_ids,
+                "ack_ids": [m.ack_id for m in response.received_messages],
                 "ack_deadline_seconds": _LEASE_SECONDS,
             }
         )
-        received.extend(response.received_messages)
     return received
 
 
@@ -92,9 +105,11 @@ def replay(
     settings: PubSubSettings,
     received: list[Any],
     wanted: Callable[[Any], bool],
+    stop: threading.Event,
 ) -> tuple[int, int]:
     """Republish the wanted dead letters; returns (replayed, failed). Unwanted ones are handed
-    back; a failed republish leaves its dead letter on the subscription."""
+    back; a failed republish leaves its dead letter on the subscription. Once `stop` is set it
+    acks those already confirmed and raises `Stopped` (the caller hands back the rest)."""
     chosen = [m for m in received if wanted(m)]
     hand_back(
         subscriber,
@@ -109,13 +124,13 @@ def replay(
             if k not in _ADDED and not k.startswith(_ADDED_PREFIX)
         }
         futures.append(publisher.publish(settings.topic_path, m.message.data, **attributes))
+    deadline, pending = time.monotonic() + _CONFIRM_SECONDS, set(futures)
+    while pending and not stop.is_set() and time.monotonic() < deadline:
+        pending = concurrent.futures.wait(pending, timeout=0.2).not_done
     confirmed, failed = [], []
     for m, future in zip(chosen, futures, strict=True):
-        try:
-            future.result(timeout=60)
-            confirmed.append(m.ack_id)
-        except Exception:
-            failed.append(m.ack_id)
+        ok = future.done() and future.exception() is None
+        (confirmed if ok else failed).append(m.ack_id)
     for start in range(0, len(confirmed), 1000):
         subscriber.acknowledge(
             request={
@@ -123,6 +138,8 @@ def replay(
                 "ack_ids": confirmed[start : start + 1000],
             }
         )
+    if stop.is_set():
+        raise Stopped(f"stopped after replaying {len(confirmed)} of {len(chosen)}")
     hand_back(subscriber, settings.dead_letter_subscription_path, failed)
     return len(confirmed), len(failed)
 
@@ -153,27 +170,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.apply_emulator_host()
     subscriber = subscriber_client()  # dead letters can be as large as any message: 10 MB
     subscription = settings.dead_letter_subscription_path
+    leased: list[Any] = []
     try:
-        if args.command == "list":
-            received = read_dead_letters(subscriber, subscription, args.max)
-            hand_back(subscriber, subscription, [m.ack_id for m in received])
-            _print_summary(summarize(received, args.samples), args.json)
-            return 0
-        received = read_dead_letters(subscriber, subscription, args.limit)
-        replayed, failed = replay(
-            subscriber,
-            pubsub_v1.PublisherClient(),
-            settings,
-            received,
-            lambda m: args.reason is None or m.message.attributes.get("reason") == args.reason,
-        )
-        print(f"replayed {replayed} dead letter(s) to {settings.topic_path}; {failed} failed")
-        return 0 if not failed else 1
+        with stop_on_signals() as stop:
+            return _run(args, settings, subscriber, leased, stop)
+    except Stopped as exc:
+        # Not done: hand every lease back now (acked ones are ignored) instead of in 10 minutes.
+        with contextlib.suppress(google_exceptions.GoogleAPIError):
+            hand_back(subscriber, subscription, [m.ack_id for m in leased])
+        print(f"{parser.prog}: {exc}; the rest stays on {subscription}", file=sys.stderr)
+        return stop.exit_code()
     except google_exceptions.GoogleAPIError as exc:
         print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     finally:
         subscriber.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    settings: PubSubSettings,
+    subscriber: pubsub_v1.SubscriberClient,
+    leased: list[Any],
+    stop: threading.Event,
+) -> int:
+    subscription = settings.dead_letter_subscription_path
+    if args.command == "list":
+        received = read_dead_letters(subscriber, subscription, args.max, leased, stop)
+        hand_back(subscriber, subscription, [m.ack_id for m in received])
+        _print_summary(summarize(received, args.samples), args.json)
+        return 0
+    received = read_dead_letters(subscriber, subscription, args.limit, leased, stop)
+    replayed, failed = replay(
+        subscriber,
+        pubsub_v1.PublisherClient(),
+        settings,
+        received,
+        lambda m: args.reason is None or m.message.attributes.get("reason") == args.reason,
+        stop,
+    )
+    print(f"replayed {replayed} dead letter(s) to {settings.topic_path}; {failed} failed")
+    return 0 if not failed else 1
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 from google.cloud import pubsub_v1
 
+from emulator.testing import wait_until
 from processor.dlq import main
 
 
@@ -78,3 +83,39 @@ def test_replay_republishes_one_reason_and_removes_only_those(emulator_host, mak
     attributes = response.received_messages[0].message.attributes
     assert dict(attributes) == {"origin": "scanner-7"}  # dead-lettering's attributes stripped
     assert listed(pipeline, capsys)["by_reason"] == {"invalid_json": 1}
+
+
+def test_a_replay_stopped_mid_way_hands_its_dead_letters_back_at_once(
+    our_emulator, emulator_host, make_pipeline, tmp_path
+):
+    # Given three dead letters, and a main topic whose next publish stalls for 15 s
+    pipeline = make_pipeline()
+    seed_dead_letters(pipeline, [(b"port-1", "invalid_port")] * 3)
+    our_emulator.faults.fail_next(
+        "Publish", code=None, delay=15, topic=pipeline.settings.topic_path
+    )
+    dead_letters = our_emulator.broker.subscription(pipeline.settings.dead_letter_subscription_path)
+    output = tmp_path / "replay.out"
+    try:
+        with open(output, "wb") as out:
+            replay = subprocess.Popen(
+                [sys.executable, "-m", "processor.cli", "dlq", "replay", *names(pipeline)],
+                env=os.environ | {"PUBSUB_EMULATOR_HOST": emulator_host},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        # When the replay has leased them all (it then waits on its republish) and is stopped
+        assert wait_until(lambda: dead_letters.backlog() == (0, 3) or replay.poll() is not None, 60)
+        replay.send_signal(signal.SIGTERM)
+        # Then it ends at once, not done: 143 and one line
+        assert replay.wait(timeout=10) == 128 + signal.SIGTERM, output.read_text()
+        # And the dead letters are on the subscription again now, not when their 10-minute
+        # leases run out
+        assert wait_until(lambda: dead_letters.backlog() == (3, 0), 5), dead_letters.backlog()
+    finally:
+        our_emulator.faults.clear()
+        if replay.poll() is None:
+            replay.kill()
+    last = output.read_text().splitlines()[-1]
+    assert last.startswith("mini-scan dlq: stopped after replaying 0 of 3; the rest stays on")
+    assert "Traceback" not in output.read_text()
