@@ -1,16 +1,20 @@
-"""End to end: how fast a backlog drains through the processor, against the client's ceiling.
+"""End to end: how fast a backlog drains through the processor, against the consumers' ceilings.
 
-For each consumer below, publishes N messages of the reference distribution (the scanner's
-generator) to a fresh subscription, then drains it in a child process of its own (so peak RSS is
-that consumer's alone), while our emulator runs in another process; publish-to-commit lag thus
+For each row below, publishes N messages of the reference distribution (the scanner's generator)
+to a fresh subscription, then drains it in a child process of its own (so peak RSS is that
+consumer's alone), while our emulator runs in another process; publish-to-commit lag thus
 includes the few seconds of preloading, alike for all:
 
-  (a) a subscriber that only acks, with the same streams and flow control: the ceiling;
-  (b) the processor on SQLite;      (c) the processor on PostgreSQL;
+  (a) the client library's subscribe(), acking only, same streams and flow control: its ceiling;
+  (e) the batch-native consumer (CONSUMER=batch), acking only: its ceiling;
+  (b) the processor on SQLite;   (c) the processor on PostgreSQL   (both CONSUMER=batch);
+  (f) the processor on SQLite with CONSUMER=client;
   (d) the common design: one transaction and one ack per message inside the callback (SQLite,
-      same engine settings), timed on the first --common-count messages: it is that slow.
+      same engine settings), timed on the first --common-count messages: it is that slow;
+  (p) decode + upsert_many in batches of 500 on SQLite, no Pub/Sub: the pipeline's own limit.
 
     uv run python -m bench.e2e [--messages 200000] [--streams 2] [--postgres URL]
+    uv run python -m bench.e2e --scaling [--messages 200000]   # 1, 2, 4 processor processes
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from rich.table import Table
 
 from emulator.testing import emulator_process, wait_until
 from processor.schema import decode
-from scanner.generator import ScanGenerator
+from scanner.generator import ScanGenerator, ScanMessage
 from scanner.publisher import BatchPublisher
 
 PROJECT = "bench"
@@ -57,14 +61,19 @@ def preload(count: int, name: str) -> str:
         )
         .name
     )
-    generator = ScanGenerator(lambda: int(time.time()), seed=1)
     publisher = BatchPublisher(client, topic, on_confirmed=lambda *_: None)
-    for _ in range(count):
-        publisher.publish(generator.next())
+    for body in reference_messages(count):
+        publisher.publish(body)
     publisher.close()
     if publisher.failed:
         raise RuntimeError(f"preload failed: {publisher.first_error}")
     return subscription
+
+
+def reference_messages(count: int) -> list[ScanMessage]:
+    """`count` messages of the reference distribution (the scanner's generator, seed 1)."""
+    generator = ScanGenerator(lambda: int(time.time()), seed=1)
+    return [generator.next() for _ in range(count)]
 
 
 # ---- children: each drains one subscription and prints one JSON line -------------------------
@@ -126,21 +135,54 @@ def child_ack_only(args: argparse.Namespace) -> dict[str, Any]:
     return {"messages": len(lags), "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
-def child_processor(args: argparse.Namespace) -> dict[str, Any]:
-    from processor.app import bootstrap
+def _settings(args: argparse.Namespace, consumer: str) -> Any:
     from processor.config import ProcessorSettings
-    from processor.observability import Metrics, configure_logging
 
-    configure_logging("WARNING", "json")
-    settings = ProcessorSettings(
+    return ProcessorSettings(
         pubsub_project_id=PROJECT,
         pubsub_subscription=args.subscription.rsplit("/", 1)[1],
-        database_url=args.database_url,
+        database_url=args.database_url or "sqlite://",
         streams=args.streams,
         max_messages=args.max_messages,
         callback_threads=args.callback_threads,
         metrics_port=0,
+        consumer=consumer,
     )
+
+
+def child_batch_ack_only(args: argparse.Namespace) -> dict[str, Any]:
+    from processor.app import subscriber_client
+    from processor.observability import Metrics
+    from processor.pull import StreamingPull
+
+    lags: list[float] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def handle(received: list[Any]) -> None:
+        pull.ack(received)
+        now = time.time()
+        with lock:
+            lags.extend(now - message.publish_time for message in received)
+            if len(lags) >= args.count:
+                done.set()
+
+    pull = StreamingPull(_settings(args, "batch"), subscriber_client(), Metrics(), handle)
+    started, cpu = time.perf_counter(), time.process_time()
+    pull.start()
+    done.wait(timeout=3600)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    pull.close(5)
+    p50, p99 = _percentiles(lags)
+    return {"messages": len(lags), "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
+
+
+def child_processor(args: argparse.Namespace, consumer: str = "batch") -> dict[str, Any]:
+    from processor.app import bootstrap
+    from processor.observability import Metrics, configure_logging
+
+    configure_logging("WARNING", "json")
+    settings = _settings(args, consumer)
     metrics = Metrics()
     lags = _Recorded(metrics.lag_seconds)
     metrics.lag_seconds = lags  # type: ignore[assignment]
@@ -183,13 +225,32 @@ def child_common(args: argparse.Namespace) -> dict[str, Any]:
     return {"messages": len(lags), "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
-CHILDREN = {"ack": child_ack_only, "processor": child_processor, "common": child_common}
+def child_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode + upsert_many in batches of 500, the same messages, no Pub/Sub."""
+    from processor.store import Repository, migrate, open_engine
+
+    bodies = [message.data for message in reference_messages(args.count)]
+    repository = Repository(open_engine(args.database_url))
+    migrate(repository.engine)
+    started, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, len(bodies), 500):
+        repository.upsert_many([decode(body) for body in bodies[start : start + 500]])
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"messages": len(bodies), "seconds": elapsed, "cpu": cpu, "p50": 0.0, "p99": 0.0}
 
 
-def run_child(
-    variant: str, subscription: str, count: int, database_url: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    command = [
+CHILDREN: dict[str, Any] = {
+    "ack": child_ack_only,
+    "batch-ack": child_batch_ack_only,
+    "processor": child_processor,
+    "processor-client": lambda args: child_processor(args, "client"),
+    "common": child_common,
+    "pipeline": child_pipeline,
+}
+
+
+def _child_command(variant: str, subscription: str, count: int, url: str, args: Any) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "bench.e2e",
@@ -200,17 +261,112 @@ def run_child(
         "--count",
         str(count),
         "--database-url",
-        database_url,
+        url,
         "--streams",
         str(args.streams),
         "--max-messages",
         str(args.max_messages),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith('{"messages"')]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{variant} failed: {result.stderr[-2000:]}")
-    return json.loads(lines[-1])
+
+
+def _result(stdout: str) -> dict[str, Any] | None:
+    lines = [line for line in stdout.splitlines() if line.startswith('{"messages"')]
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_child(
+    variant: str, subscription: str, count: int, database_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    command = _child_command(variant, subscription, count, database_url, args)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+    result = _result(done.stdout)
+    if done.returncode != 0 or result is None:
+        raise RuntimeError(f"{variant} failed: {done.stderr[-2000:]}")
+    return result
+
+
+def child_fleet_member(args: argparse.Namespace) -> dict[str, Any]:
+    """A processor that runs until SIGTERM, writing how many messages it acked to a file."""
+    import signal
+
+    from processor.app import bootstrap
+    from processor.observability import Metrics, configure_logging
+
+    configure_logging("WARNING", "json")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    metrics = Metrics()
+    processor = bootstrap(_settings(args, "batch"), metrics)
+    progress = Path(args.progress)
+    started, cpu = time.perf_counter(), time.process_time()
+    processor.start()
+    while not stop.wait(0.05):
+        progress.write_text(str(int(metrics.acked._value.get())))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    processor.shutdown(5)
+    messages = int(metrics.acked._value.get())
+    return {"messages": messages, "seconds": elapsed, "cpu": cpu, "p50": 0.0, "p99": 0.0}
+
+
+def run_fleet(
+    size: int, subscription: str, count: int, url: str, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """`size` processor processes on one subscription and database; total msg/s until `count`
+    messages are acked, and what each process did."""
+    files = [workdir / f"progress-{size}-{i}" for i in range(size)]
+    children = [
+        subprocess.Popen(
+            [*_child_command("fleet", subscription, count, url, args), "--progress", str(f)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for f in files
+    ]
+
+    def acked() -> int:
+        return sum(int(f.read_text() or 0) for f in files if f.exists())
+
+    started = time.perf_counter()
+    wait_until(lambda: acked() >= count, timeout=3600, interval=0.02)
+    elapsed = time.perf_counter() - started
+    results = []
+    for child in children:
+        child.terminate()
+        stdout, _ = child.communicate(timeout=60)
+        results.append(_result(stdout) or {"messages": 0, "cpu": 0.0, "rss_mb": 0.0})
+    total = sum(r["messages"] for r in results)
+    return {
+        "processes": size,
+        "rate": total / elapsed,
+        "per_process": [r["messages"] / elapsed for r in results],
+        "cpu_us": sum(r["cpu"] for r in results) / total * 1e6,
+    }
+
+
+CHILDREN["fleet"] = child_fleet_member
+
+
+def scaling(args: argparse.Namespace, console: Console, workdir: Path) -> None:
+    table = Table(
+        title=f"Scaling: processor processes (CONSUMER=batch, {args.streams} streams each) "
+        f"draining {args.messages:,} messages into one database"
+    )
+    for column in ("database", "processes", "msg/s total", "msg/s per process", "CPU µs/msg"):
+        table.add_column(column, justify="right")
+    with emulator_process() as address:
+        os.environ["PUBSUB_EMULATOR_HOST"] = address
+        for name, base in (("sqlite", f"sqlite:///{workdir}/scale"), ("postgresql", args.postgres)):
+            for size in (1, 2, 4):
+                url = f"{base}-{size}.db" if name == "sqlite" else base
+                if name == "postgresql":
+                    _reset_postgres(url)
+                subscription = preload(args.messages, f"scale-{name}-{size}")
+                r = run_fleet(size, subscription, args.messages, url, args, workdir)
+                per = " / ".join(f"{rate:,.0f}" for rate in r["per_process"])
+                console.print(f"  {name} x{size}: {r['rate']:,.0f} msg/s ({per})")
+                table.add_row(name, str(size), f"{r['rate']:,.0f}", per, f"{r['cpu_us']:.0f}")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-messages", type=int, default=1000, help="flow control per stream")
     parser.add_argument("--callback-threads", type=int, default=1, help="per stream")
     parser.add_argument("--postgres", default=os.environ.get("TEST_DATABASE_URL", DEFAULT_POSTGRES))
+    parser.add_argument("--scaling", action="store_true", help="1, 2 and 4 processor processes")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--subscription", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--progress", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
@@ -234,18 +392,31 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         os._exit(0)  # the client's threads need not be waited for
 
-    console = Console()
+    console = Console(width=150)
     workdir = Path(tempfile.mkdtemp(prefix="mini-scan-e2e-"))
+    if args.scaling:
+        scaling(args, console, workdir)
+        return 0
+    sqlite = f"sqlite:///{workdir}"
     plan = [
-        ("a", "ack only (ceiling)", "ack", args.messages, ""),
-        ("b", "processor, SQLite", "processor", args.messages, f"sqlite:///{workdir / 'b.db'}"),
+        ("a", "client subscribe(), ack only (ceiling)", "ack", args.messages, ""),
+        ("e", "batch consumer, ack only (ceiling)", "batch-ack", args.messages, ""),
+        ("b", "processor, SQLite", "processor", args.messages, f"{sqlite}/b.db"),
         ("c", "processor, PostgreSQL", "processor", args.messages, args.postgres),
         (
-            "d",
-            "one txn + ack per message, SQLite",
-            "common",
-            args.common_count,
-            f"sqlite:///{workdir / 'd.db'}",
+            "f",
+            "processor, SQLite, CONSUMER=client",
+            "processor-client",
+            args.messages,
+            f"{sqlite}/f.db",
+        ),
+        ("d", "one txn + ack per message, SQLite", "common", args.common_count, f"{sqlite}/d.db"),
+        (
+            "p",
+            "decode + upsert_many, no Pub/Sub, SQLite",
+            "pipeline",
+            args.messages,
+            f"{sqlite}/p.db",
         ),
     ]
     results: dict[str, dict[str, Any]] = {}
@@ -257,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             for key, label, variant, count, url in plan:
                 if url.startswith("sqlite"):
                     url = url.replace(".db", f"-{round_number}.db")  # every run starts empty
-                else:
+                elif url:
                     _reset_postgres(url)
-                subscription = preload(count, key)
+                subscription = "" if variant == "pipeline" else preload(count, key)
                 result = run_child(variant, subscription, count, url, args)
                 result["rate"] = result["messages"] / result["seconds"]
                 console.print(
@@ -293,18 +464,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rate']:,.0f}",
             f"{r['cpu'] / r['messages'] * 1e6:,.0f}",
             f"{r['rss_mb']:.0f}",
-            f"{r['p50']:.2f}",
-            f"{r['p99']:.2f}",
+            f"{r['p50']:.2f}" if key != "p" else "",
+            f"{r['p99']:.2f}" if key != "p" else "",
         )
     console.print(table)
     rate = {k: v["rate"] for k, v in results.items()}
-    cpu = {k: v["cpu"] / v["messages"] for k, v in results.items()}
     console.print(
-        f"CPU per message, a/b = {cpu['a'] / cpu['b']:.0%}   a/c = {cpu['a'] / cpu['c']:.0%}"
-        "   (ceiling CPU over consumer CPU, per message)"
-    )
-    console.print(
-        f"b/a = {rate['b'] / rate['a']:.0%}   c/a = {rate['c'] / rate['a']:.0%}   "
+        f"b/a = {rate['b'] / rate['a']:.2f}x (target 2.0x)   c/a = {rate['c'] / rate['a']:.2f}x "
+        f"(target 1.5x)   b/p = {rate['b'] / rate['p']:.0%} (target 40%)   "
+        f"e/a = {rate['e'] / rate['a']:.2f}x   f/a = {rate['f'] / rate['a']:.0%}   "
         f"b/d = {rate['b'] / rate['d']:.1f}x"
     )
     return 0

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -94,9 +94,9 @@ def bootstrap(
         batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.02, max_messages=500)
     )
 
-    def subscription_exists() -> None:
+    def subscription() -> Any:
         try:
-            subscriber.get_subscription(  # retry=None: wait_for retries, and hears a stop
+            return subscriber.get_subscription(  # retry=None: wait_for retries, hears a stop
                 request={"subscription": settings.subscription_path}, timeout=5, retry=None
             )
         except google_exceptions.NotFound as exc:
@@ -104,7 +104,13 @@ def bootstrap(
                 f"subscription {settings.subscription_path} does not exist (run mini-scan setup)"
             ) from exc
 
-    wait_for("subscription", subscription_exists, settings.startup_timeout, stop)
+    found = wait_for("subscription", subscription, settings.startup_timeout, stop)
+    if found.enable_exactly_once_delivery and settings.consumer == "batch":
+        raise StartupError(
+            f"subscription {settings.subscription_path} has exactly-once delivery enabled, "
+            "which CONSUMER=batch does not support: disable it (the merge is idempotent, so it "
+            "buys nothing here) or set CONSUMER=client"
+        )
     engine = open_engine(settings.database_url)
     wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)

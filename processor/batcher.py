@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, NamedTuple
+from collections import deque
+from collections.abc import Sequence
 
-from processor.schema import Observation
-
-
-class Held(NamedTuple):
-    """A message whose row is not committed yet: it must not be acked before it is."""
-
-    message: Any  # google.cloud.pubsub_v1.subscriber.message.Message
-    observation: Observation
+from processor.delivery import Held
 
 
 class Batcher:
-    """Thread-safe hand-off from the Pub/Sub callbacks to the single writer thread.
+    """Thread-safe hand-off from the consumer to the single writer thread.
 
     A batch is ready when it holds `size` messages or its oldest message has waited
     `max_wait` seconds. After `close()` nothing more is taken in; what is held can still be
@@ -29,17 +23,23 @@ class Batcher:
         self._max_wait = max_wait
         self._items: list[Held] = []
         self._oldest_at = 0.0
+        self._arrivals: deque[list[float]] = deque()  # [monotonic time, messages] per hand-off
         self._closed = False
         self._ready = threading.Condition()
 
-    def add(self, held: Held) -> bool:
-        """Take a message in; False once closed (the caller must hand it back)."""
+    def add_many(self, held: Sequence[Held]) -> bool:
+        """Take messages in; False once closed (the caller must hand them back)."""
         with self._ready:
             if self._closed:
                 return False
+            now = time.monotonic()
             if not self._items:
-                self._oldest_at = time.monotonic()
-            self._items.append(held)
+                # The writer sleeps while there is nothing to write: wake it, so the first
+                # message after an idle spell waits max_wait, not the writer's idle period.
+                self._oldest_at = now
+                self._ready.notify()
+            self._items += held
+            self._arrivals.append([now, len(held)])
             if len(self._items) >= self._size:
                 self._ready.notify()
         return True
@@ -56,7 +56,7 @@ class Batcher:
                     or len(self._items) >= self._size
                     or now - self._oldest_at >= self._max_wait
                 ):
-                    return self._pop()
+                    return self._pop(self._size)
                 if self._closed or (deadline is not None and now >= deadline):
                     return []
                 wait = self._oldest_at + self._max_wait - now if self._items else 0.5
@@ -70,10 +70,14 @@ class Batcher:
             self._ready.notify_all()
 
     def drain(self) -> list[Held]:
-        """Everything held, at once (to hand it back on shutdown)."""
+        """Everything held, at once (to hand it back)."""
         with self._ready:
-            items, self._items = self._items, []
-            return items
+            return self._pop(len(self._items))
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest message waiting for the writer has been held (0 when none)."""
+        with self._ready:
+            return time.monotonic() - self._arrivals[0][0] if self._arrivals else 0.0
 
     @property
     def closed(self) -> bool:
@@ -83,7 +87,15 @@ class Batcher:
         with self._ready:
             return len(self._items)
 
-    def _pop(self) -> list[Held]:
-        batch, self._items = self._items[: self._size], self._items[self._size :]
+    def _pop(self, count: int) -> list[Held]:
+        batch, self._items = self._items[:count], self._items[count:]
         self._oldest_at = time.monotonic()  # what remains counts as new: it waits at most one more
+        taken = len(batch)
+        while taken and self._arrivals:
+            first = self._arrivals[0]
+            if first[1] > taken:
+                first[1] -= taken
+                break
+            taken -= int(first[1])
+            self._arrivals.popleft()
         return batch

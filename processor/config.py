@@ -98,6 +98,11 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
         9100, ge=0, le=65535, description="port of /metrics, /healthz and /readyz (0: off)"
     )
     metrics_host: str = Field("127.0.0.1", description="bind address of the metrics server")
+    consumer: Literal["batch", "client"] = Field(
+        "batch",
+        description="batch: streaming pull taken a response at a time (default); "
+        "client: the client library's subscribe() callbacks",
+    )
     streams: int = Field(2, ge=1, le=32, description="streaming pulls per process")
     callback_threads: int = Field(
         1, ge=1, le=64, description="threads per stream running the (non-blocking) callback"
@@ -113,6 +118,12 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
         ge=10,
         le=600,
         description="lease per extension: how soon a crashed processor's messages come back",
+    )
+    max_lease_seconds: int = Field(
+        3600,
+        ge=1,
+        description="longest a message waits for a commit; past it, in a database outage, the "
+        "processor hands back all but the batch it retries and pauses its streams",
     )
     batch_size: int = Field(500, ge=1, le=10_000, description="rows per transaction, at most")
     batch_max_wait_ms: int = Field(

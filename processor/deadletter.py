@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from concurrent import futures
@@ -10,6 +11,7 @@ from typing import Any
 import structlog
 from google.cloud import pubsub_v1
 
+from processor.delivery import Acknowledger, Received
 from processor.observability import Metrics, excerpt
 from processor.schema import Reason
 
@@ -27,11 +29,13 @@ class DeadLetters:
         publisher: pubsub_v1.PublisherClient,
         topic_path: str,
         subscription_path: str,
+        acks: Acknowledger,
         metrics: Metrics,
     ) -> None:
         self._publisher = publisher
         self._topic = topic_path
         self._subscription = subscription_path
+        self._acks = acks
         self._metrics = metrics
         self._in_flight: set[futures.Future[Any]] = set()
         self._lock = threading.Lock()
@@ -40,15 +44,16 @@ class DeadLetters:
         self._samples: dict[str, dict[str, str]] = {}
         self._reported_at = 0.0
 
-    def send(self, message: Any, reason: Reason, error: str) -> None:
+    def send(self, message: Received, reason: Reason, error: str) -> None:
         """Publish `message` with `reason` to the dead-letter topic; ack or nack it after."""
+        published = dt.datetime.fromtimestamp(message.publish_time, dt.UTC)
         attributes = dict(message.attributes)
         attributes.update(
             reason=str(reason),
             error=_truncate(error),
             source_subscription=self._subscription,
             source_message_id=message.message_id,
-            source_publish_time=message.publish_time.isoformat(),
+            source_publish_time=published.isoformat(),
         )
         future = self._publisher.publish(self._topic, message.data, **attributes)
         with self._lock:
@@ -73,12 +78,14 @@ class DeadLetters:
             self._unreported, self._samples, self._reported_at = {}, {}, now
         _log.warning("dead_lettered", counts=counts, samples=samples)
 
-    def _settle(self, done: futures.Future[Any], message: Any, reason: Reason, why: str) -> None:
+    def _settle(
+        self, done: futures.Future[Any], message: Received, reason: Reason, why: str
+    ) -> None:
         with self._lock:
             self._in_flight.discard(done)
         failure = done.exception()
         if failure is not None:
-            message.nack()
+            self._acks.nack([message])
             self._metrics.nacked.inc()
             _log.error(
                 "dead_letter_publish_failed",
@@ -87,7 +94,7 @@ class DeadLetters:
                 error=excerpt(str(failure)),
             )
             return
-        message.ack()
+        self._acks.ack([message])
         self._metrics.dead_lettered.labels(reason=str(reason)).inc()
         self._metrics.acked.inc()
         with self._lock:

@@ -112,6 +112,15 @@ class Metrics:
             "mini_scan_messages_dead_lettered", "Messages dead-lettered", ["reason"], registry=r
         )
         self.rows = Counter("mini_scan_rows", "Rows written, by outcome", ["outcome"], registry=r)
+        self.lease_requests_failed = Counter(
+            "mini_scan_lease_requests_failed",
+            "Ack, nack or lease-extension requests that failed (the messages come back later)",
+            ["request"],
+            registry=r,
+        )
+        self.stream_reconnects = Counter(
+            "mini_scan_stream_reconnects", "Streaming pulls reopened after they ended", registry=r
+        )
         self.storage_retries = Counter(
             "mini_scan_storage_retries", "Transient database errors retried", registry=r
         )

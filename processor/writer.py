@@ -18,8 +18,9 @@ import sqlalchemy as sa
 import structlog
 import tenacity
 
-from processor.batcher import Batcher, Held
+from processor.batcher import Batcher
 from processor.deadletter import DeadLetters
+from processor.delivery import Acknowledger, Held
 from processor.observability import Metrics, excerpt
 from processor.schema import Reason
 from processor.store import Repository, UpsertResult
@@ -51,12 +52,14 @@ class Writer:
         batcher: Batcher,
         repository: Repository,
         dead_letters: DeadLetters,
+        acks: Acknowledger,
         metrics: Metrics,
         max_backoff: float = 10.0,
     ) -> None:
         self._batcher = batcher
         self._repository = repository
         self._dead_letters = dead_letters
+        self._acks = acks
         self._metrics = metrics
         self._max_backoff = max_backoff
         self._abandon = threading.Event()
@@ -105,15 +108,12 @@ class Writer:
         elapsed = time.perf_counter() - started
         committed_at = time.time()
         refused_ids = {id(held) for held, _ in refused}
-        lags = []
-        for held in batch:
-            if id(held) not in refused_ids:
-                held.message.ack()
-                lags.append(committed_at - held.message.publish_time.timestamp())
+        committed = [held.received for held in batch if id(held) not in refused_ids]
+        self._acks.ack(committed)
         for held, error in refused:
-            self._dead_letters.send(held.message, Reason.STORAGE_REJECTED, error)
-        self._metrics.lag_seconds.observe_many(lags)
-        self._metrics.acked.inc(len(lags))
+            self._dead_letters.send(held.received, Reason.STORAGE_REJECTED, error)
+        self._metrics.lag_seconds.observe_many([committed_at - r.publish_time for r in committed])
+        self._metrics.acked.inc(len(committed))
         self._metrics.batch_size.observe(len(batch))
         self._metrics.commit_seconds.observe(elapsed)
         for outcome in ("inserted", "updated", "unchanged"):
@@ -181,8 +181,7 @@ class Writer:
 
     def hand_back(self, batch: list[Held]) -> None:
         """Nack messages so that another processor gets them at once."""
-        for held in batch:
-            held.message.nack()
+        self._acks.nack([held.received for held in batch])
         self._metrics.nacked.inc(len(batch))
         _log.warning("batch_handed_back", messages=len(batch))
 

@@ -143,10 +143,17 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture(params=["batch", "client"])
+def consumer(request: pytest.FixtureRequest) -> str:
+    """Every test that runs a processor runs once per consumer: the batch-native default and
+    the client library's `subscribe()` (CONSUMER=client)."""
+    return request.param
+
+
 @pytest.fixture
-def make_pipeline(tmp_path) -> Iterator[Callable[..., Pipeline]]:
-    """A fresh topic, subscription, dead-letter topic and subscription, and settings for them;
-    SQLite in the test's directory unless a database URL is given."""
+def make_pipeline(tmp_path, consumer: str) -> Iterator[Callable[..., Pipeline]]:
+    """A fresh topic, subscription, dead-letter topic and subscription, and settings for them
+    (for this test's consumer); SQLite in the test's directory unless a database URL is given."""
     made: list[Pipeline] = []
 
     def make(database_url: str | None = None, **overrides: Any) -> Pipeline:
@@ -163,6 +170,7 @@ def make_pipeline(tmp_path) -> Iterator[Callable[..., Pipeline]]:
             "batch_max_wait_ms": 20,
             "startup_timeout": 20,
             "shutdown_grace": 10,
+            "consumer": consumer,
         }
         settings = ProcessorSettings(**names, **(defaults | overrides))
         pipeline = Pipeline(settings, pubsub_v1.PublisherClient())
@@ -229,6 +237,7 @@ class ProcessorProcess:
             "METRICS_PORT": str(self.metrics_port),
             "LOG_FORMAT": "json",
             "BATCH_MAX_WAIT_MS": str(settings.batch_max_wait_ms),
+            "CONSUMER": settings.consumer,
         }
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
