@@ -139,7 +139,7 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
     try:
         processor = bootstrap(settings, metrics, stop).start()
         while not stop.wait(0.5):
-            processor.ready()  # keeps the mini_scan_ready gauge current between probes
+            processor.supervise()  # the ready gauge, and pausing in a long outage
             if processor.stream_failed.is_set():
                 processor.shutdown(settings.shutdown_grace)
                 return 1

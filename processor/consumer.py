@@ -39,6 +39,12 @@ class Source(Acknowledger, Protocol):
 
     def streams_open(self) -> bool: ...
 
+    def pause(self) -> None:
+        """Close the streams but keep the leases of what is held."""
+
+    def resume(self) -> None:
+        """Open the streams again after `pause()`."""
+
     def close(self, timeout: float) -> None: ...
 
 
@@ -67,6 +73,7 @@ class Processor:
             metrics,
         )
         self._writer = Writer(self._batcher, repository, self._dead_letters, self._source, metrics)
+        self._paused_at: int | None = None  # the writer's commit count when streams paused
 
     @property
     def stream_failed(self) -> threading.Event:
@@ -86,7 +93,10 @@ class Processor:
         held, unplaced = [], []
         for received in deliveries:
             try:
-                held.append(Held(received, decode(received.data, max_skew=self._max_skew, max_bytes=self._max_bytes)))
+                observation = decode(
+                    received.data, max_skew=self._max_skew, max_bytes=self._max_bytes
+                )
+                held.append(Held(received, observation))
             except Rejection as rejection:
                 self._dead_letters.send(received, rejection.reason, rejection.message)
             except Exception:  # a bug must not leave a message leased until its lease runs out
@@ -97,6 +107,40 @@ class Processor:
         if unplaced:
             self._source.nack(unplaced)
             self._metrics.nacked.inc(len(unplaced))
+
+    def supervise(self) -> None:
+        """Run twice a second by the main loop: the ready gauge and the long-outage rule.
+
+        A message must not wait for its commit longer than MAX_LEASE_SECONDS. Past it (a
+        database outage, a stuck writer), the processor keeps only the batch the writer is
+        retrying, hands back everything else and closes its streams, so that Pub/Sub keeps the
+        messages (one delivery attempt per outage, not one per lease) and memory stays at one
+        batch; the streams reopen once that batch commits.
+        """
+        if self._paused_at is None:
+            if self._batcher.oldest_age() >= self._settings.max_lease_seconds:
+                self._pause()
+        elif self._writer.commits > self._paused_at:
+            self._paused_at = None
+            self._source.resume()
+            self._metrics.streams_paused.set(0)
+            _log.info("streams_resumed")
+        self._metrics.held.set(len(self._batcher) + self._writer.holding)
+        self.ready()
+
+    def _pause(self) -> None:
+        self._paused_at = self._writer.commits
+        self._source.pause()
+        handed_back = self._batcher.drain()
+        if handed_back:
+            self._writer.hand_back(handed_back)
+        self._metrics.streams_paused.set(1)
+        _log.warning(
+            "streams_paused",
+            why=f"messages held {self._settings.max_lease_seconds}s without a commit",
+            handed_back=len(handed_back),
+            kept=self._writer.holding,
+        )
 
     def ready(self) -> bool:
         """Streams open and the database taking writes."""

@@ -144,6 +144,11 @@ class Metrics:
         )
         self.held = Gauge("mini_scan_messages_held", "Messages waiting for a commit", registry=r)
         self.database_up = Gauge("mini_scan_database_up", "1 if the last write worked", registry=r)
+        self.streams_paused = Gauge(
+            "mini_scan_streams_paused",
+            "1 while the streams are closed because messages waited MAX_LEASE_SECONDS",
+            registry=r,
+        )
         self.ready = Gauge(
             "mini_scan_ready", "1 when streams are open and the database up", registry=r
         )

@@ -66,14 +66,25 @@ class StreamingPull:
             metrics,
             keepalive=self._keepalive,
         )
-        self._streams = [
-            _Stream(settings, subscriber, metrics, self._leases, handle, self._on_failure)
-            for _ in range(settings.streams)
-        ]
+        self._new_stream = lambda: _Stream(
+            settings, subscriber, metrics, self._leases, handle, self._on_failure
+        )
+        self._streams = [self._new_stream() for _ in range(settings.streams)]
         self.failed = threading.Event()
 
     def start(self) -> None:
         self._leases.start()
+        for stream in self._streams:
+            stream.start()
+
+    def pause(self) -> None:
+        for stream in self._streams:
+            stream.stop()
+        for stream in self._streams:
+            stream.join(5.0)
+
+    def resume(self) -> None:
+        self._streams = [self._new_stream() for _ in self._streams]
         for stream in self._streams:
             stream.start()
 

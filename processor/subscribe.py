@@ -76,6 +76,12 @@ class ClientSubscriber:
         for message in messages:
             message.handle.nack()
 
+    def pause(self) -> None:
+        self.close(timeout=5.0)
+
+    def resume(self) -> None:
+        self.start()
+
     def close(self, timeout: float) -> None:
         """Close the streams (the client sends the acks and nacks still queued)."""
         self._closing = True

@@ -66,6 +66,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="batch-writer", daemon=True)
         self._current: list[Held] = []
         self.database_up = True
+        self.commits = 0  # batches committed so far
 
     def start(self) -> Writer:
         self._thread.start()
@@ -81,6 +82,11 @@ class Writer:
         caller hands back (it may still commit: a redelivery of a committed row is harmless)."""
         self._abandon.set()
         return list(self._current)
+
+    @property
+    def holding(self) -> int:
+        """Messages in the batch being written."""
+        return len(self._current)
 
     def _run(self) -> None:
         while True:
@@ -112,6 +118,7 @@ class Writer:
         self._acks.ack(committed)
         for held, error in refused:
             self._dead_letters.send(held.received, Reason.STORAGE_REJECTED, error)
+        self.commits += 1
         self._metrics.lag_seconds.observe_many([committed_at - r.publish_time for r in committed])
         self._metrics.acked.inc(len(committed))
         self._metrics.batch_size.observe(len(batch))

@@ -156,14 +156,17 @@ def make_pipeline(tmp_path, consumer: str) -> Iterator[Callable[..., Pipeline]]:
     (for this test's consumer); SQLite in the test's directory unless a database URL is given."""
     made: list[Pipeline] = []
 
-    def make(database_url: str | None = None, **overrides: Any) -> Pipeline:
+    def make(
+        database_url: str | None = None, setup: dict[str, Any] | None = None, **overrides: Any
+    ) -> Pipeline:
         names = {
             "pubsub_topic": unique("scan-topic"),
             "pubsub_subscription": unique("scan-sub"),
             "pubsub_dead_letter_topic": unique("scan-dlq"),
             "pubsub_dead_letter_subscription": unique("scan-dlq-sub"),
         }
-        ensure_resources(SetupSettings(**names, min_retry_backoff=0.1, max_retry_backoff=1.0))
+        retry = {"min_retry_backoff": 0.1, "max_retry_backoff": 1.0}
+        ensure_resources(SetupSettings(**names, **(retry | (setup or {}))))
         defaults = {
             "database_url": database_url or f"sqlite:///{tmp_path / 'scan_results.db'}",
             "metrics_port": 0,
