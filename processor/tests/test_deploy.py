@@ -291,7 +291,10 @@ def test_the_processor_gets_every_setting_from_its_configmaps_and_secret(overlay
     # The emulator's address is the one setting whose absence means something: real Pub/Sub.
     wanted = {name.upper() for name in ProcessorSettings.model_fields} - {"PUBSUB_EMULATOR_HOST"}
 
-    assert wanted <= given, f"not set: {sorted(wanted - given)}"
+    assert wanted <= given, (
+        f"not set: {sorted(wanted - given)}: add it to the mini-scan-processor ConfigMap in "
+        "deploy/kubernetes/base/kustomization.yaml"
+    )
     assert ("PUBSUB_EMULATOR_HOST" in given) == (overlay == "local")
 
 
