@@ -49,6 +49,7 @@ class SubscriptionState:
         self._ready: deque[Entry] = deque()
         self._leases: dict[str, Entry] = {}
         self._streams: list[Stream] = []
+        self._turn = 0  # index in _streams of the stream whose turn is next
         self._held: defaultdict[str, deque[Entry]] = defaultdict(deque)
         self._busy_keys: set[str] = set()
         self._ack_prefix = f"{next(self._ack_prefixes)}-"
@@ -88,10 +89,30 @@ class SubscriptionState:
     def _wake(self) -> None:
         if not self._ready:
             return
-        for s in self._streams:
-            if s.wants_more():
-                s.cond.notify()
+        for s in self._in_turn():
+            s.cond.notify()
         self._pull_cond.notify_all()
+
+    def _in_turn(self) -> list[Stream]:
+        """The streams that may take now. While the ready messages are at least as many as the
+        streams, every stream with room; below that, one stream with room per ready message, in
+        turn after the last one served, so that a trickle goes round every open stream."""
+        streams, k = self._streams, len(self._ready)
+        if k >= len(streams):
+            return [s for s in streams if s.wants_more()]
+        start = self._turn % len(streams)
+        chosen: list[Stream] = []
+        for s in streams[start:] + streams[:start]:
+            if s.wants_more():
+                chosen.append(s)
+                if len(chosen) == k:
+                    break
+        return chosen
+
+    def _may_take(self, stream: Stream) -> bool:
+        if len(self._ready) >= len(self._streams):  # the fast path of a backlog
+            return stream.wants_more()
+        return stream in self._in_turn()
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -114,8 +135,12 @@ class SubscriptionState:
         if stream.closed:
             return
         stream.closed, stream.close_code, stream.close_reason = True, code, reason
-        self._streams.remove(stream)
+        index = self._streams.index(stream)
+        del self._streams[index]
+        if index < self._turn:
+            self._turn -= 1
         stream.cond.notify_all()
+        self._wake()  # a message that was this stream's turn goes to the next one
 
     def close_all_streams(self, code: str, reason: str) -> None:
         with self._lock:
@@ -146,7 +171,7 @@ class SubscriptionState:
                     raise NotFound(f"Subscription does not exist (resource={self.name})")
                 if stream is not None and stream.closed:
                     return None
-                if self._ready and (stream is None or stream.wants_more()):
+                if self._ready and (stream is None or self._may_take(stream)):
                     break
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -157,6 +182,8 @@ class SubscriptionState:
             takers = sum(1 for s in self._streams if s.wants_more())
             share = math.ceil(len(self._ready) / max(1, takers))
             batch = self._lease(stream, min(n, share, max_messages), nbytes)
+            if stream is not None:
+                self._turn = self._streams.index(stream) + 1
             if self._ready:
                 self._wake()
             return batch

@@ -168,6 +168,34 @@ def test_two_subscribers_share_the_messages_of_one_subscription(
         other_client.close()
 
 
+def test_a_slow_trickle_is_spread_over_every_open_stream(
+    emulator, emulator_env, publisher, topic, make_subscription
+):
+    # Given 8 streams from 4 subscriber clients (as 4 processors with STREAMS=2 open them)
+    sub = make_subscription()
+    clients = [pubsub_v1.SubscriberClient() for _ in range(4)]
+    streams = [Collector() for _ in range(8)]
+    futures = [clients[i // 2].subscribe(sub, got) for i, got in enumerate(streams)]
+    try:
+        state = emulator.broker.subscription(sub)
+        assert wait_until(lambda: state.stream_count() == 8, timeout=10)
+
+        # When 40 messages arrive one at a time, each after the previous one was delivered
+        for i in range(40):
+            publish_all(publisher, topic, f"t{i}".encode())
+            assert wait_until(lambda n=i + 1: sum(len(s.received) for s in streams) >= n)
+
+        # Then every stream got a fair share: 5 each in turn (3 leaves room for a reconnect)
+        counts = [len(s.distinct()) for s in streams]
+        assert sum(counts) == 40
+        assert min(counts) >= 3, f"messages per stream: {counts}"
+    finally:
+        for future in futures:
+            future.cancel()
+        for client in clients:
+            client.close()
+
+
 def test_the_emulator_never_has_more_outstanding_than_the_stream_allows(
     emulator, publisher, topic, make_subscription, subscribe
 ):
