@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_resources(setup, stop)
             _spawn_all(children, args, _environment(settings, host), stop)
         except Stopped as exc:  # a stop is this command's normal end, before start-up too
-            console.print(f"{exc}: stopping")
+            console.print(str(exc))
             return 0
         except (StartupError, OSError) as exc:
             print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
