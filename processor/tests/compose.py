@@ -142,14 +142,14 @@ class Stack:
 # --- what the processors did, from their logs ---------------------------------------------------
 
 
-def batches_per_container(lines: Iterable[tuple[str, str]]) -> dict[str, int]:
-    """How many `batch_committed` lines each container logged."""
-    counts: dict[str, int] = {}
+def committed_per_container(lines: Iterable[tuple[str, str]]) -> dict[str, list[int]]:
+    """The message count of every `batch_committed` line, per container."""
+    sizes: dict[str, list[int]] = {}
     for container, line in lines:
         event = json_line(line)
         if event and event.get("event") == "batch_committed":
-            counts[container] = counts.get(container, 0) + 1
-    return counts
+            sizes.setdefault(container, []).append(event["messages"])
+    return sizes
 
 
 def json_line(line: str) -> dict[str, Any] | None:
