@@ -1,8 +1,17 @@
-"""Publishing rejected messages to the dead-letter topic, then acking them."""
+"""Publishing rejected messages to the dead-letter topic, then acking them.
+
+The dead-letter copy is the original data and attributes plus the reason attributes. When that
+does not fit Pub/Sub's limits (a rejected message near 10 MB, or one already carrying close to
+100 attributes), the copy is cut to fit rather than left to fail and loop: original attributes
+beyond the limit are dropped (their count in `dropped_attributes`, the reason attributes are
+always kept), and data that does not fit is truncated, with `truncated=true`, `original_size`
+and `original_sha256` (hex) saying what it was.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 import time
 from concurrent import futures
@@ -10,6 +19,7 @@ from typing import Any
 
 import structlog
 from google.cloud import pubsub_v1
+from google.pubsub_v1 import types as pubsub_types
 
 from processor.delivery import Acknowledger, Received
 from processor.observability import Metrics, excerpt
@@ -17,7 +27,10 @@ from processor.schema import Reason
 
 _log = structlog.get_logger("processor.deadletter")
 
-MAX_ATTRIBUTE_BYTES = 1024  # Pub/Sub's limit on an attribute value
+# Pub/Sub's limits (https://cloud.google.com/pubsub/quotas#resource_limits).
+MAX_ATTRIBUTE_BYTES = 1024  # an attribute value
+MAX_ATTRIBUTES = 100  # attributes per message
+MAX_REQUEST_BYTES = 10_000_000  # a serialized publish request, topic and message included
 
 
 class DeadLetters:
@@ -47,15 +60,15 @@ class DeadLetters:
     def send(self, message: Received, reason: Reason, error: str) -> None:
         """Publish `message` with `reason` to the dead-letter topic; ack or nack it after."""
         published = dt.datetime.fromtimestamp(message.publish_time, dt.UTC)
-        attributes = dict(message.attributes)
-        attributes.update(
-            reason=str(reason),
-            error=_truncate(error),
-            source_subscription=self._subscription,
-            source_message_id=message.message_id,
-            source_publish_time=published.isoformat(),
-        )
-        future = self._publisher.publish(self._topic, message.data, **attributes)
+        why = {
+            "reason": str(reason),
+            "error": _truncate(error),
+            "source_subscription": self._subscription,
+            "source_message_id": message.message_id,
+            "source_publish_time": published.isoformat(),
+        }
+        data, attributes = fit(self._topic, message.data, dict(message.attributes), why)
+        future = self._publisher.publish(self._topic, data, **attributes)
         with self._lock:
             self._in_flight.add(future)
         future.add_done_callback(lambda done: self._settle(done, message, reason, error))
@@ -103,6 +116,47 @@ class DeadLetters:
                 reason, {"message_id": message.message_id, "error": excerpt(why)}
             )
         self.report()
+
+
+def fit(
+    topic: str, data: bytes, original: dict[str, str], added: dict[str, str]
+) -> tuple[bytes, dict[str, str]]:
+    """The dead-letter copy of a message: its data and attributes with `added` on top, cut
+    where needed so that its publish request stays within Pub/Sub's limits."""
+    attributes = original | added
+    if len(attributes) <= MAX_ATTRIBUTES and _fits(topic, data, attributes):
+        return data, attributes
+    # Cut: the reason attributes stay, with room for the four that say what was cut, and the
+    # original attributes follow in key order while there are slots.
+    rest = sorted(key for key in original if key not in added)
+    kept = rest[: MAX_ATTRIBUTES - len(added) - 4]
+    attributes = {key: original[key] for key in kept} | added
+    if len(kept) < len(rest):
+        attributes["dropped_attributes"] = str(len(rest) - len(kept))
+    if _fits(topic, data, attributes):
+        return data, attributes
+    attributes |= {
+        "truncated": "true",
+        "original_size": str(len(data)),
+        "original_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    # What the rest of the request takes, plus the length prefixes' growth with the data.
+    overhead = _request_size(topic, b"", attributes) + 16
+    return data[: MAX_REQUEST_BYTES - overhead], attributes
+
+
+def _fits(topic: str, data: bytes, attributes: dict[str, str]) -> bool:
+    rough = len(topic) + len(data) + sum(len(k) + len(v) for k, v in attributes.items())
+    if 4 * rough < MAX_REQUEST_BYTES:  # far from the limit, whatever the encoding adds
+        return True
+    return _request_size(topic, data, attributes) <= MAX_REQUEST_BYTES
+
+
+def _request_size(topic: str, data: bytes, attributes: dict[str, str]) -> int:
+    """Bytes of the serialized publish request carrying this one message."""
+    message = pubsub_types.PubsubMessage(data=data, attributes=attributes)
+    request = pubsub_types.PublishRequest(topic=topic, messages=[message])
+    return pubsub_types.PublishRequest.pb(request).ByteSize()
 
 
 def _truncate(text: str) -> str:

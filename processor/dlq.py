@@ -30,7 +30,14 @@ from processor.observability import excerpt
 from processor.stopping import Stopped, stop_on_signals
 
 # Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
-_ADDED = {"reason", "error", "source_subscription", "source_message_id", "source_publish_time"}
+_ADDED = {
+    "reason",
+    "error",
+    "source_subscription",
+    "source_message_id",
+    "source_publish_time",
+    "dropped_attributes",
+}
 _ADDED_PREFIX = "CloudPubSubDeadLetterSource"
 _LEASE_SECONDS = 600  # long enough to read a large backlog without it coming back mid-read
 _CONFIRM_SECONDS = 60  # how long replay waits for its republishes to be confirmed
@@ -201,15 +208,21 @@ def _run(
         _print_summary(summarize(received, args.samples), args.json)
         return 0
     received = read_dead_letters(subscriber, subscription, args.limit, leased, stop)
+    reason = {m.ack_id: m.message.attributes.get("reason") for m in received}
+    chosen = {ack_id for ack_id, why in reason.items() if args.reason in (None, why)}
+    # A copy cut to fit (see processor/deadletter.py) no longer holds the original message.
+    truncated = {m.ack_id for m in received if m.message.attributes.get("truncated") == "true"}
+    truncated &= chosen
     replayed, failed = replay(
         subscriber,
         pubsub_v1.PublisherClient(),
         settings,
         received,
-        lambda m: args.reason is None or m.message.attributes.get("reason") == args.reason,
+        lambda m: m.ack_id in chosen and m.ack_id not in truncated,
         stop,
     )
-    print(f"replayed {replayed} dead letter(s) to {settings.topic_path}; {failed} failed")
+    kept = f"; {len(truncated)} truncated copies kept, not replayable" if truncated else ""
+    print(f"replayed {replayed} dead letter(s) to {settings.topic_path}; {failed} failed{kept}")
     return 0 if not failed else 1
 
 

@@ -26,7 +26,7 @@ from emulator.testing import (
     official_emulator,
     wait_until,
 )
-from processor.app import run
+from processor.app import run, subscriber_client
 from processor.config import ProcessorSettings, SetupSettings
 from processor.setup import ensure_resources
 from processor.store import Repository, open_engine
@@ -117,7 +117,7 @@ class Pipeline:
 
     def dead_letters(self, expected: int, timeout: float = 20.0) -> list[Any]:
         """Pull (and ack) dead letters until `expected` have arrived or `timeout` passes."""
-        subscriber = pubsub_v1.SubscriberClient()
+        subscriber = subscriber_client()  # dead letters can be 10 MB
         received: list[Any] = []
 
         def pull() -> bool:
