@@ -47,6 +47,18 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 def preload(count: int, name: str) -> str:
     """A fresh topic and subscription holding `count` messages from the scanner's generator
     (the reference distribution), published in batches; returns the subscription."""
+    topic, subscription = fresh_subscription(name)
+    publisher = BatchPublisher(pubsub_v1.PublisherClient(), topic, on_confirmed=lambda *_: None)
+    for body in reference_messages(count):
+        publisher.publish(body)
+    publisher.close()
+    if publisher.failed:
+        raise RuntimeError(f"preload failed: {publisher.first_error}")
+    return subscription
+
+
+def fresh_subscription(name: str) -> tuple[str, str]:
+    """A new topic and a subscription on it: (topic, subscription)."""
     run = uuid.uuid4().hex[:8]
     client = pubsub_v1.PublisherClient()
     topic = client.create_topic(name=f"projects/{PROJECT}/topics/{name}-{run}").name
@@ -61,13 +73,7 @@ def preload(count: int, name: str) -> str:
         )
         .name
     )
-    publisher = BatchPublisher(client, topic, on_confirmed=lambda *_: None)
-    for body in reference_messages(count):
-        publisher.publish(body)
-    publisher.close()
-    if publisher.failed:
-        raise RuntimeError(f"preload failed: {publisher.first_error}")
-    return subscription
+    return topic, subscription
 
 
 def reference_messages(count: int) -> list[ScanMessage]:
@@ -296,7 +302,9 @@ def child_fleet_member(args: argparse.Namespace) -> dict[str, Any]:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     metrics = Metrics()
-    processor = bootstrap(_settings(args, "batch"), metrics)
+    lags = _Recorded(metrics.lag_seconds)
+    metrics.lag_seconds = lags  # type: ignore[assignment]
+    processor = bootstrap(_settings(args, args.consumer), metrics)
     progress = Path(args.progress)
     started, cpu = time.perf_counter(), time.process_time()
     processor.start()
@@ -305,7 +313,8 @@ def child_fleet_member(args: argparse.Namespace) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     processor.shutdown(5)
     messages = int(metrics.acked._value.get())
-    return {"messages": messages, "seconds": elapsed, "cpu": cpu, "p50": 0.0, "p99": 0.0}
+    p50, p99 = _percentiles(lags.values) if lags.values else (0.0, 0.0)
+    return {"messages": messages, "seconds": elapsed, "cpu": cpu, "p50": p50, "p99": p99}
 
 
 def run_fleet(
@@ -384,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--progress", help=argparse.SUPPRESS)
+    parser.add_argument("--consumer", default="batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:

@@ -59,9 +59,10 @@ class Batcher:
                     return self._pop(self._size)
                 if self._closed or (deadline is not None and now >= deadline):
                     return []
-                wait = self._oldest_at + self._max_wait - now if self._items else 0.5
+                # Idle, it sleeps until woken: by the first message, by close(), or the deadline.
+                wait = self._oldest_at + self._max_wait - now if self._items else None
                 if deadline is not None:
-                    wait = min(wait, deadline - now)
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
                 self._ready.wait(wait)
 
     def close(self) -> None:
