@@ -59,6 +59,7 @@ SCAN += ["--duplicates", "0.2", "--out-of-order", "0.2", "--malformed", "0.05"]
 TRICKLE = ["--count", "100", "--rate", "10", "--seed", "1129", "--keys", "400"]
 # A killed processor's messages come back when their lease ends (LEASE_SECONDS, 20 s).
 CONVERGE_TIMEOUT = 120
+PROCESSOR_NAMES = {f"processor-{index}" for index in range(1, PROCESSORS + 1)}
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +70,19 @@ def image() -> Iterator[str]:
         if IN_CI:
             pytest.fail(f"{problem} (CI=true: the compose tests must run)")
         pytest.skip(problem)
-    tag = f"mini-scan:test-{uuid.uuid4().hex[:8]}"
-    Stack("mini-scan-build", ROOT / "data", tag).compose("build", "--quiet", timeout=900)
+    tag = f"mini-scan:test-{RUN}"
+    # Built in the first stack's project: compose labels the image with its project, so its
+    # `up --build` then finds this very image instead of making a second one.
+    Stack(project(1), ROOT / "data", tag).compose("build", "--quiet", timeout=900)
     yield tag
     subprocess.run(["docker", "image", "rm", tag], capture_output=True, check=False, timeout=60)
 
 
-def new_stack(image: str, data_dir: Path, **options) -> Stack:
-    return Stack(f"mini-scan-test-{uuid.uuid4().hex[:8]}", data_dir, image, **options)
+RUN = uuid.uuid4().hex[:8]
+
+
+def project(number: int) -> str:
+    return f"mini-scan-test-{RUN}-{number}"
 
 
 def docker_inspect(name: str) -> dict:
@@ -128,7 +134,7 @@ def test_the_image_holds_the_sources_it_was_built_from(image: str) -> None:
 
 
 def test_the_emulator_role_is_healthy_under_plain_docker_run(image: str) -> None:
-    name = f"mini-scan-test-emulator-{uuid.uuid4().hex[:8]}"
+    name = f"{project(0)}-emulator"
     # The image's own HEALTHCHECK command, run every second instead of every ten.
     cmd = ["docker", "run", "-d", "--name", name, "--health-interval", "1s", image, "emulator"]
     subprocess.run(cmd, capture_output=True, check=True, timeout=60)
@@ -175,11 +181,11 @@ def row_count(database: Path) -> int:
         return 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def first_run(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstRun]:
     data_dir = tmp_path_factory.mktemp("compose-sqlite")
     database = leave_a_foreign_database(data_dir)
-    stack = new_stack(image, data_dir)
+    stack = Stack(project(1), data_dir, image)
     try:
         stack.compose("up", "-d", "--build", "--quiet-pull")
         yield FirstRun(stack, database)
@@ -187,62 +193,65 @@ def first_run(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stack.down()
 
 
-def test_up_starts_the_emulator_then_setup_then_writes_rows(first_run: FirstRun) -> None:
-    stack = first_run.stack
+class TestUpOverADataDirAnotherUserFilled:
+    """`docker compose up --build` on SQLite, with a database already in ./data."""
 
-    stack.wait_healthy("pubsub")
-    assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1), (
-        stack.describe()
-    )
-    [setup] = stack.containers("setup")
-    assert (setup["State"], setup["ExitCode"]) == ("exited", 0)
-    stack.wait_healthy("processor")
-    stack.wait_healthy("scanner")
+    def test_up_starts_the_emulator_then_setup_then_writes_rows(self, first_run: FirstRun) -> None:
+        stack = first_run.stack
 
+        stack.wait_healthy("pubsub")
+        assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1), (
+            stack.describe()
+        )
+        [setup] = stack.containers("setup")
+        assert (setup["State"], setup["ExitCode"]) == ("exited", 0)
+        stack.wait_healthy("processor")
+        stack.wait_healthy("scanner")
 
-def test_a_database_another_user_left_in_data_is_opened_up_not_taken(first_run: FirstRun) -> None:
-    assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1), (
-        first_run.stack.describe()
-    )
+    def test_a_database_another_user_left_in_data_is_opened_up_not_taken(
+        self, first_run: FirstRun
+    ) -> None:
+        assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1), (
+            first_run.stack.describe()
+        )
 
-    for path in first_run.database.parent.glob("scan_results.db*"):
-        info = path.stat()
-        assert stat.S_IMODE(info.st_mode) & 0o666 == 0o666, path
-        if os.geteuid() == 0:
-            assert info.st_uid == FOREIGN_UID, f"{path} changed owner"
-    with sqlite3.connect(first_run.database) as connection:
-        assert connection.execute("SELECT x FROM notes").fetchall() == [(1,)]
+        for path in first_run.database.parent.glob("scan_results.db*"):
+            info = path.stat()
+            assert stat.S_IMODE(info.st_mode) & 0o666 == 0o666, path
+            if os.geteuid() == 0:
+                assert info.st_uid == FOREIGN_UID, f"{path} changed owner"
+        with sqlite3.connect(first_run.database) as connection:
+            assert connection.execute("SELECT x FROM notes").fetchall() == [(1,)]
 
+    def test_every_role_writes_json_log_lines(self, first_run: FirstRun) -> None:
+        stack = first_run.stack
+        assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1)
 
-def test_every_role_writes_json_log_lines(first_run: FirstRun) -> None:
-    stack = first_run.stack
-    assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1)
+        lines = stack.log_lines("pubsub", "data-dir", "setup", "scanner", "processor")
 
-    lines = stack.log_lines("pubsub", "data-dir", "setup", "scanner", "processor")
+        containers = {container.rsplit("-", 1)[0] for container, _ in lines}
+        assert containers == {"pubsub", "data-dir", "setup", "scanner", "processor"}
+        not_json = [(c, line) for c, line in lines if json_line(line) is None]
+        assert not not_json, not_json[:5]
 
-    containers = {container.rsplit("-", 1)[0] for container, _ in lines}
-    assert containers == {"pubsub", "data-dir", "setup", "scanner", "processor"}
-    not_json = [(c, line) for c, line in lines if json_line(line) is None]
-    assert not not_json, not_json[:5]
+    def test_every_container_is_hardened_and_publishes_on_the_loopback_only(
+        self,
+        first_run: FirstRun,
+    ) -> None:
+        for container in first_run.stack.containers():
+            config = docker_inspect(container["Name"])
+            host, name = config["HostConfig"], container["Service"]
 
-
-def test_every_container_is_hardened_and_publishes_on_the_loopback_only(
-    first_run: FirstRun,
-) -> None:
-    for container in first_run.stack.containers():
-        config = docker_inspect(container["Name"])
-        host, name = config["HostConfig"], container["Service"]
-
-        assert host["CapDrop"] == ["ALL"], name
-        assert "no-new-privileges:true" in host["SecurityOpt"], name
-        assert host["ReadonlyRootfs"], name
-        if name == "data-dir":
-            assert (config["Config"]["User"], host["CapAdd"]) == ("0:0", ["CAP_FOWNER"])
-        else:
-            assert config["Config"]["User"] == "10001:10001", name
-            assert not host["CapAdd"], name
-        for bindings in (host["PortBindings"] or {}).values():
-            assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}, name
+            assert host["CapDrop"] == ["ALL"], name
+            assert "no-new-privileges:true" in host["SecurityOpt"], name
+            assert host["ReadonlyRootfs"], name
+            if name == "data-dir":
+                assert (config["Config"]["User"], host["CapAdd"]) == ("0:0", ["CAP_FOWNER"])
+            else:
+                assert config["Config"]["User"] == "10001:10001", name
+                assert not host["CapAdd"], name
+            for bindings in (host["PortBindings"] or {}).values():
+                assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}, name
 
 
 # --- five processors, a seeded scanner run, a kill, `stop`, and Prometheus ---------------------
@@ -261,10 +270,10 @@ class ScaledRun:
         return ScannerLog([line for log in self.published for line in log.lines]).expected_rows()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def scaled(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledRun]:
     data_dir = tmp_path_factory.mktemp("compose-scaled")
-    stack = new_stack(image, data_dir, profiles=["monitoring"])
+    stack = Stack(project(2), data_dir, image, profiles=["monitoring"])
     # No background scanner: the table must hold exactly what the seeded run published.
     up = ("up", "-d", f"--scale=processor={PROCESSORS}", "--scale=scanner=0")
     try:
@@ -284,7 +293,7 @@ def processor_commits(stack: Stack) -> dict[str, list[int]]:
     return committed_per_container(stack.log_lines("processor"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def trickle(scaled: ScaledRun) -> ScaledRun:
     """A slow seeded scanner run through compose, once its rows are all in the table."""
     stack = scaled.stack
@@ -299,7 +308,7 @@ def trickle(scaled: ScaledRun) -> ScaledRun:
     return scaled
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def seeded(trickle: ScaledRun) -> ScaledRun:
     """Then a fast seeded scanner run; one processor is killed (SIGKILL) once it has committed a
     batch of it, then started again with `up`. Returns when the scanner is done."""
@@ -317,30 +326,6 @@ def seeded(trickle: ScaledRun) -> ScaledRun:
     return trickle
 
 
-def test_each_scaled_processor_serves_metrics_on_a_loopback_port(scaled: ScaledRun) -> None:
-    addresses = {scaled.stack.port("processor", 9100, index) for index in range(1, PROCESSORS + 1)}
-
-    assert len(addresses) == PROCESSORS
-    for address in addresses:
-        assert address.startswith("127.0.0.1:")
-        assert b"mini_scan_messages_received_total" in http_get(address, "/metrics")
-
-
-def test_prometheus_scrapes_every_scaled_processor_with_the_rules_loaded(
-    scaled: ScaledRun,
-) -> None:
-    prometheus = scaled.stack.port("prometheus", 9090)
-
-    def targets_up() -> list[str]:
-        query = urllib.parse.urlencode({"query": 'up{job="mini-scan"} == 1'})
-        result = json.loads(http_get(prometheus, f"/api/v1/query?{query}"))["data"]["result"]
-        return sorted(sample["metric"]["instance"] for sample in result)
-
-    assert wait_until(lambda: len(targets_up()) == PROCESSORS, timeout=60, interval=1), targets_up()
-    loaded = json.loads(http_get(prometheus, "/api/v1/rules"))["data"]["groups"]
-    assert sorted(group["name"] for group in loaded) == sorted(rule_groups())
-
-
 def rule_groups() -> list[str]:
     """The alert rule groups in deploy/prometheus/rules/, which the profile must load."""
     yaml = YAML(typ="safe")
@@ -351,70 +336,104 @@ def rule_groups() -> list[str]:
     ]
 
 
-def test_a_seeded_run_through_compose_gives_the_oracle_table_despite_a_kill(
-    seeded: ScaledRun,
-) -> None:
-    expected = seeded.expected_rows()
-    url = f"sqlite:///{seeded.database}"
+class TestFiveScaledProcessors:
+    """`--scale processor=5` with the monitoring profile, two seeded runs, a kill, a stop."""
 
-    assert wait_until(lambda: table_rows(url) == expected, timeout=CONVERGE_TIMEOUT, interval=1), (
-        describe_difference(url, expected)
-    )
-    starts = [
-        line
-        for container, line in seeded.stack.log_lines("processor")
-        if container == seeded.killed and (json_line(line) or {}).get("event") == "starting"
-    ]
-    assert len(starts) == 2, f"{seeded.killed} was not killed and started again"
+    def test_each_scaled_processor_serves_metrics_on_a_loopback_port(
+        self, scaled: ScaledRun
+    ) -> None:
+        addresses = {
+            scaled.stack.port("processor", 9100, index) for index in range(1, PROCESSORS + 1)
+        }
 
+        assert len(addresses) == PROCESSORS
+        for address in addresses:
+            assert address.startswith("127.0.0.1:")
+            assert b"mini_scan_messages_received_total" in http_get(address, "/metrics")
 
-def test_every_malformed_message_of_the_run_is_dead_lettered_with_its_reason(
-    seeded: ScaledRun, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    expected = {k: v for log in seeded.published for k, v in log.expected_dead_letters().items()}
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", seeded.stack.port("pubsub", 8085))
+    def test_prometheus_scrapes_every_scaled_processor_with_the_rules_loaded(
+        self,
+        scaled: ScaledRun,
+    ) -> None:
+        prometheus = scaled.stack.port("prometheus", 9090)
 
-    letters = pull_dead_letters(DLQ_SUBSCRIPTION, covers(expected), timeout=CONVERGE_TIMEOUT)
+        def targets_up() -> list[str]:
+            query = urllib.parse.urlencode({"query": 'up{job="mini-scan"} == 1'})
+            result = json.loads(http_get(prometheus, f"/api/v1/query?{query}"))["data"]["result"]
+            return sorted(sample["metric"]["instance"] for sample in result)
 
-    assert len(expected) > 200
-    assert set(expected) <= {letter.attributes["source_message_id"] for letter in letters}
-    assert unexpected_letters(letters, expected) == {}
+        assert wait_until(lambda: len(targets_up()) == PROCESSORS, timeout=60, interval=1), (
+            targets_up()
+        )
+        loaded = json.loads(http_get(prometheus, "/api/v1/rules"))["data"]["groups"]
+        assert sorted(group["name"] for group in loaded) == sorted(rule_groups())
 
+    def test_a_seeded_run_through_compose_gives_the_oracle_table_despite_a_kill(
+        self,
+        seeded: ScaledRun,
+    ) -> None:
+        expected = seeded.expected_rows()
+        url = f"sqlite:///{seeded.database}"
 
-PROCESSOR_NAMES = {f"processor-{index}" for index in range(1, PROCESSORS + 1)}
+        assert wait_until(
+            lambda: table_rows(url) == expected, timeout=CONVERGE_TIMEOUT, interval=1
+        ), describe_difference(url, expected)
+        starts = [
+            line
+            for container, line in seeded.stack.log_lines("processor")
+            if container == seeded.killed and (json_line(line) or {}).get("event") == "starting"
+        ]
+        assert len(starts) == 2, f"{seeded.killed} was not killed and started again"
 
+    def test_every_malformed_message_of_the_run_is_dead_lettered_with_its_reason(
+        self, seeded: ScaledRun, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        expected = {
+            k: v for log in seeded.published for k, v in log.expected_dead_letters().items()
+        }
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", seeded.stack.port("pubsub", 8085))
 
-def test_at_a_trickle_each_of_the_five_processors_gets_a_fair_share(trickle: ScaledRun) -> None:
-    # Pub/Sub spreads messages over every open stream; our emulator does it round robin, so
-    # each processor (two streams each) gets a fifth. Half a fifth leaves room for a redelivery.
-    fair_share = sum(trickle.trickle_messages.values()) / PROCESSORS
+        letters = pull_dead_letters(DLQ_SUBSCRIPTION, covers(expected), timeout=CONVERGE_TIMEOUT)
 
-    assert trickle.trickle_messages.keys() == PROCESSOR_NAMES, trickle.trickle_messages
-    assert min(trickle.trickle_messages.values()) >= fair_share / 2, trickle.trickle_messages
+        assert len(expected) > 200
+        assert set(expected) <= {letter.attributes["source_message_id"] for letter in letters}
+        assert unexpected_letters(letters, expected) == {}
 
+    def test_at_a_trickle_each_of_the_five_processors_gets_a_fair_share(
+        self, trickle: ScaledRun
+    ) -> None:
+        # Pub/Sub spreads messages over every open stream; our emulator does it round robin, so
+        # each processor (two streams each) gets a fifth. Half a fifth leaves room for a redelivery.
+        fair_share = sum(trickle.trickle_messages.values()) / PROCESSORS
 
-def test_each_of_the_five_processors_committed_batches_of_the_fast_run(seeded: ScaledRun) -> None:
-    def committed_in_the_run() -> set[str]:
-        before = seeded.batches_before_burst
-        now = processor_batches(seeded.stack)
-        return {name for name, count in now.items() if count > before.get(name, 0)}
+        assert trickle.trickle_messages.keys() == PROCESSOR_NAMES, trickle.trickle_messages
+        assert min(trickle.trickle_messages.values()) >= fair_share / 2, trickle.trickle_messages
 
-    assert wait_until(lambda: committed_in_the_run() == PROCESSOR_NAMES, timeout=60), (
-        processor_batches(seeded.stack),
-        seeded.batches_before_burst,
-    )
+    def test_each_of_the_five_processors_committed_batches_of_the_fast_run(
+        self, seeded: ScaledRun
+    ) -> None:
+        def committed_in_the_run() -> set[str]:
+            before = seeded.batches_before_burst
+            now = processor_batches(seeded.stack)
+            return {name for name, count in now.items() if count > before.get(name, 0)}
 
+        assert wait_until(lambda: committed_in_the_run() == PROCESSOR_NAMES, timeout=60), (
+            processor_batches(seeded.stack),
+            seeded.batches_before_burst,
+        )
 
-def test_stop_lets_every_processor_exit_zero_within_its_grace_period(seeded: ScaledRun) -> None:
-    stack = seeded.stack
-    stack.wait_healthy("processor", PROCESSORS)
+    def test_stop_lets_every_processor_exit_zero_within_its_grace_period(
+        self, seeded: ScaledRun
+    ) -> None:
+        stack = seeded.stack
+        stack.wait_healthy("processor", PROCESSORS)
 
-    stack.compose("stop")
+        stack.compose("stop")
 
-    # Compose sends SIGTERM, then SIGKILL after stop_grace_period: exit code 0, not 137.
-    exits = {c["Name"]: (c["State"], c["ExitCode"]) for c in stack.containers("processor")}
-    assert set(exits.values()) == {("exited", 0)}, exits
-    assert len(exits) == PROCESSORS
+        # Compose sends SIGTERM, then SIGKILL after stop_grace_period: exit code 0, not 137.
+        exits = {c["Name"]: (c["State"], c["ExitCode"]) for c in stack.containers("processor")}
+        assert set(exits.values()) == {("exited", 0)}, exits
+        assert len(exits) == PROCESSORS
 
 
 # --- the postgres profile ------------------------------------------------------------------------
@@ -423,15 +442,12 @@ def test_stop_lets_every_processor_exit_zero_within_its_grace_period(seeded: Sca
 def test_the_postgres_profile_gives_the_same_oracle_table(
     image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    stack = new_stack(
-        image,
-        tmp_path_factory.mktemp("compose-postgres"),
-        profiles=["postgres"],
-        variables={"DATABASE_URL": POSTGRES_URL},
-    )
+    data_dir = tmp_path_factory.mktemp("compose-postgres")
+    variables = {"DATABASE_URL": POSTGRES_URL}
+    stack = Stack(project(3), data_dir, image, profiles=["postgres"], variables=variables)
     try:
+        # `up` returns once setup has created the subscription: publishing can start at once.
         stack.compose("up", "-d", "--scale=processor=2", "--scale=scanner=0")
-        stack.wait_healthy("processor", 2)
         expected = finished(run_scanner(stack, *SCAN)).expected_rows()
 
         def stored() -> list:

@@ -231,6 +231,14 @@ def test_the_image_builds_every_package_from_the_lock() -> None:
         assert f"COPY {package} ./{package}" in text, package
 
 
+def test_one_service_builds_the_image_every_other_one_runs(compose, our_services) -> None:
+    builders = {name for name, s in compose["services"].items() if "build" in s}
+
+    assert builders == {"processor"}
+    assert compose["services"]["processor"]["build"] == "."
+    assert {"pubsub", "setup", "data-dir", "scanner", "processor"} <= our_services.keys()
+
+
 def test_the_build_context_leaves_out_local_state() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
 
