@@ -111,7 +111,7 @@ def bootstrap(
             "which CONSUMER=batch does not support: disable it (the merge is idempotent, so it "
             "buys nothing here) or set CONSUMER=client"
         )
-    engine = open_engine(settings.database_url)
+    engine = open_engine(settings.database_url, timeout=settings.database_timeout)
     wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)
 
@@ -127,6 +127,7 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
             settings.metrics_port,
             metrics,
             lambda: processor is not None and processor.ready(),
+            lambda: processor is None or processor.alive(),
         ).start()
     _log.info(
         "starting",

@@ -137,6 +137,19 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
         ge=1024,
         description="larger messages are dead-lettered unparsed (message_too_large)",
     )
+    database_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds a database call may go unanswered before it fails and is retried "
+        "as an outage (PostgreSQL connect, statement and network timeouts; SQLite's busy timeout)",
+    )
+    writer_stall_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="/healthz fails when messages wait and the writer has completed no attempt "
+        "for this long (keep it above 2 x DATABASE_TIMEOUT + 11)",
+    )
     startup_timeout: float = Field(
         60.0, gt=0, description="seconds to wait for the subscription and the database at start"
     )

@@ -72,7 +72,15 @@ class Processor:
             self._source,
             metrics,
         )
-        self._writer = Writer(self._batcher, repository, self._dead_letters, self._source, metrics)
+        self._writer = Writer(
+            self._batcher,
+            repository,
+            self._dead_letters,
+            self._source,
+            metrics,
+            database_timeout=settings.database_timeout,
+            stall_seconds=settings.writer_stall_seconds,
+        )
         self._paused_at: int | None = None  # the writer's commit count when streams paused
 
     @property
@@ -141,6 +149,10 @@ class Processor:
             handed_back=len(handed_back),
             kept=self._writer.holding,
         )
+
+    def alive(self) -> bool:
+        """For /healthz: the writer runs and is not stuck (`Writer.alive`)."""
+        return self._writer.alive()
 
     def ready(self) -> bool:
         """Streams open and the database taking writes."""

@@ -124,6 +124,18 @@ class Metrics:
         self.storage_retries = Counter(
             "mini_scan_storage_retries", "Transient database errors retried", registry=r
         )
+        self.database_timeouts = Counter(
+            "mini_scan_database_timeouts",
+            "Database calls left unanswered past DATABASE_TIMEOUT, then ended and retried",
+            registry=r,
+        )
+        self.storage_refusals = Counter(
+            "mini_scan_storage_refusals",
+            "Batches with rows the database refused, by cause: row (those rows dead-lettered) "
+            "or table (a known-good row or most rows refused too: retried as an outage)",
+            ["cause"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "mini_scan_batch_size",
             "Messages per committed batch",
@@ -158,10 +170,18 @@ class Metrics:
 
 
 class HealthServer:
-    """`/metrics`, `/healthz` (the process is alive) and `/readyz` (it can do its work)."""
+    """`/metrics`, `/healthz` (the process is alive and not stuck: `is_alive`) and `/readyz`
+    (it can do its work: `is_ready`)."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, is_ready: Callable[[], bool]):
-        self._metrics, self._is_ready = metrics, is_ready
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        is_alive: Callable[[], bool] = lambda: True,
+    ):
+        self._metrics, self._is_ready, self._is_alive = metrics, is_ready, is_alive
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -189,7 +209,8 @@ class HealthServer:
                 if self.path == "/metrics":
                     self._reply(200, owner._metrics.render(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    self._reply(200, b"ok\n")
+                    alive = owner._is_alive()
+                    self._reply(200 if alive else 503, b"ok\n" if alive else b"stuck\n")
                 elif self.path == "/readyz":
                     ready = owner._is_ready()
                     self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")

@@ -8,7 +8,12 @@ so arrival order, duplicates and concurrent writers all end in the same table.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import math
+import os
+import socket
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from processor.schema import Observation
 
 DEFAULT_DATABASE_URL = "sqlite:///data/scan_results.db"
-SQLITE_BUSY_TIMEOUT_S = 30
+SQLITE_BUSY_TIMEOUT_S = 30  # when no timeout is given (the processor gives DATABASE_TIMEOUT)
+KEEPALIVE_PROBES = 3
+# The canary: a row the table must accept unless the table itself is at fault. A documentation
+# address (RFC 5737) and a service name no scanner sends; it is never committed.
+CANARY_IP, CANARY_PORT, CANARY_SERVICE = "192.0.2.1", 9, "MINI-SCAN-CANARY"
+CANARY_RESPONSE = "mini-scan canary: a known-good row, always rolled back"
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x6D696E69  # "mini": the PostgreSQL advisory lock serialising migrations
 
@@ -70,6 +80,13 @@ class UpsertResult:
     updated: int
     unchanged: int  # rows left as they were because the stored scan was as new or newer
 
+    def __add__(self, other: UpsertResult) -> UpsertResult:
+        return UpsertResult(
+            self.inserted + other.inserted,
+            self.updated + other.updated,
+            self.unchanged + other.unchanged,
+        )
+
 
 def database_url(url: str | None) -> URL:
     """Parse a `DATABASE_URL`; a bare `postgresql://` URL means psycopg 3."""
@@ -79,22 +96,35 @@ def database_url(url: str | None) -> URL:
     return parsed
 
 
-def open_engine(url: str | URL | None = None, *, pool_size: int = 2) -> Engine:
+def open_engine(
+    url: str | URL | None = None, *, pool_size: int = 2, timeout: float | None = None
+) -> Engine:
     """An engine set up for several processes sharing the database.
 
-    SQLite: WAL, a busy timeout, `synchronous=FULL` (a message is acked after its commit, so a
-    commit must survive a power cut) and `BEGIN IMMEDIATE`, so a transaction takes the write
-    lock up front instead of failing with "database is locked" when it upgrades a read.
+    SQLite: WAL, a busy timeout (`timeout`, default 30 s), `synchronous=FULL` (a message is
+    acked after its commit, so a commit must survive a power cut) and `BEGIN IMMEDIATE`, so a
+    transaction takes the write lock up front instead of failing with "database is locked" when
+    it upgrades a read.
+
+    PostgreSQL with a `timeout`: no connect, statement, or silent network may take much longer
+    (see `postgres_timeouts`); `Repository.interrupt()` ends what they cannot.
     """
     parsed = url if isinstance(url, URL) else database_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=pool_size)
+        connect_args = postgres_timeouts(timeout, parsed.query) if timeout else {}
+        engine = sa.create_engine(
+            parsed, pool_pre_ping=True, pool_size=pool_size, connect_args=connect_args
+        )
+        opened = _CONNECTIONS[engine] = weakref.WeakSet()
+        sa.event.listen(engine, "connect", lambda dbapi_connection, _: opened.add(dbapi_connection))
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    busy_timeout = timeout or SQLITE_BUSY_TIMEOUT_S
     # Each batch size is a different multi-row statement; the driver's default cache of 128
     # prepared statements, some of them thousands of parameters long, costs tens of MB.
     engine = sa.create_engine(
-        parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "cached_statements": 16}
+        parsed, connect_args={"timeout": busy_timeout, "cached_statements": 16}
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -103,7 +133,7 @@ def open_engine(url: str | URL | None = None, *, pool_size: int = 2) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")
@@ -111,6 +141,51 @@ def open_engine(url: str | URL | None = None, *, pool_size: int = 2) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def postgres_timeouts(timeout: float, query: Any = ()) -> dict[str, Any]:
+    """libpq connection parameters under which a call gets an answer or an error in about
+    `timeout` seconds, whatever the network does:
+
+    - `connect_timeout`: a connection attempt (psycopg enforces it; at least 2 s);
+    - server side, through `options`: `statement_timeout` (a statement, lock waits included)
+      and `idle_in_transaction_session_timeout` (a session whose client vanished mid-transaction
+      stops holding its row locks);
+    - TCP keepalives: a peer that stops answering while we wait for a result is dropped after
+      about `timeout` (probes every timeout/4 s, 3 unanswered);
+    - `tcp_user_timeout`: data unacknowledged for `timeout` drops the connection.
+
+    A parameter already in the URL's query wins; `options` are appended to the URL's own.
+    """
+    ms = max(1, round(timeout * 1000))
+    probe = max(1, int(timeout // 4))
+    server = f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+    wanted: dict[str, Any] = {
+        "connect_timeout": max(2, math.ceil(timeout)),
+        "keepalives": 1,
+        "keepalives_idle": probe,
+        "keepalives_interval": probe,
+        "keepalives_count": KEEPALIVE_PROBES,
+        "tcp_user_timeout": ms,
+        "options": f"{query['options']} {server}" if "options" in query else server,
+    }
+    return {name: value for name, value in wanted.items() if name == "options" or name not in query}
+
+
+# The DBAPI connections each PostgreSQL engine opened, so that a call waiting on one of them can
+# be ended from another thread (psycopg cannot time out a query by itself).
+_CONNECTIONS: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def _shut_down(dbapi_connection: Any) -> None:
+    """Shut the connection's socket down (not close it: libpq still owns the descriptor), so
+    whatever waits on it wakes with "server closed the connection" at once."""
+    if dbapi_connection.closed:
+        return
+    with contextlib.suppress(Exception):  # already broken, or closed in the meantime
+        duplicate = socket.socket(fileno=os.dup(dbapi_connection.pgconn.socket))
+        with duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
 
 
 def migrate(engine: Engine) -> None:
@@ -123,6 +198,8 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         # SQLite's BEGIN IMMEDIATE already serialises migrators; PostgreSQL needs a lock.
         if connection.dialect.name == "postgresql":
+            # A migration may rewrite a large table: DATABASE_TIMEOUT is for batches, not this.
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
             lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
             connection.execute(lock, {"id": _MIGRATION_LOCK_ID})
         config.attributes["connection"] = connection
@@ -172,6 +249,34 @@ class Repository:
             return UpsertResult(0, 0, 0)
         with self.engine.begin() as connection:
             return self._write(connection, rows, dt.datetime.now(dt.UTC))
+
+    def accepts_a_known_good_row(self) -> bool:
+        """Whether the table still takes a valid row: the canary (`CANARY_IP`, a reserved service
+        name, timestamp now) is upserted in a transaction that is always rolled back.
+
+        False if the database refuses it (a constraint, a type); an unavailable database raises
+        as `upsert_many` does. Never commits.
+        """
+        now = dt.datetime.now(dt.UTC)
+        stamp = int(now.timestamp())
+        canary = Observation(CANARY_IP, CANARY_PORT, CANARY_SERVICE, stamp, CANARY_RESPONSE)
+        with self.engine.connect() as connection:
+            transaction = connection.begin()
+            try:
+                self._write(connection, [MergedRow(canary, stamp)], now)
+            except (sa.exc.IntegrityError, sa.exc.DataError):
+                return False
+            finally:
+                transaction.rollback()
+        return True
+
+    def interrupt(self) -> None:
+        """End the calls waiting on this repository's PostgreSQL connections (from another
+        thread): their sockets are shut down and each call fails at once with a disconnection,
+        which the pool then replaces. SQLite's calls end by themselves: a lock wait at its busy
+        timeout, and nothing else waits on anyone."""
+        for dbapi_connection in list(_CONNECTIONS.get(self.engine, ())):
+            _shut_down(dbapi_connection)
 
     def rows(self) -> list[sa.Row[Any]]:
         """Every stored row in key order (for tests and small exports)."""
