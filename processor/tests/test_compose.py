@@ -56,7 +56,7 @@ SCAN = ["--count", "6000", "--rate", "1500", "--seed", "20251129", "--keys", "40
 SCAN += ["--duplicates", "0.2", "--out-of-order", "0.2", "--malformed", "0.05"]
 # A trickle, as the stack's own scanner sends (1 msg/s) but shorter: Pub/Sub spreads messages
 # over every open stream, so even then each processor must get some.
-TRICKLE = ["--count", "100", "--rate", "10", "--seed", "1129", "--keys", "400"]
+TRICKLE = ["--count", "100", "--rate", "20", "--seed", "1129", "--keys", "400"]
 # A killed processor's messages come back when their lease ends (LEASE_SECONDS, 20 s).
 CONVERGE_TIMEOUT = 120
 PROCESSOR_NAMES = {f"processor-{index}" for index in range(1, PROCESSORS + 1)}
