@@ -73,6 +73,54 @@ class Stream:
         return n >= max(1, self.max_messages // 5) and b >= max(1, self.max_bytes // 5)
 
 
+class StreamRing:
+    """The open streams of one subscription, and whose turn it is.
+
+    While fewer messages are ready than there are streams, one stream with room per ready message
+    may take, in turn after the last one served, so that a trickle goes round every open stream
+    (Pub/Sub spreads over streams too, though it promises no order); with a backlog, every
+    stream with room may take its share at once.
+    """
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+        self._turn = 0  # index of the stream whose turn is next
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def add(self, stream: Stream) -> None:
+        self.streams.append(stream)
+
+    def remove(self, stream: Stream) -> None:
+        index = self.streams.index(stream)
+        del self.streams[index]
+        if index < self._turn:
+            self._turn -= 1
+
+    def served(self, stream: Stream) -> None:
+        self._turn = self.streams.index(stream) + 1
+
+    def in_turn(self, ready: int) -> list[Stream]:
+        """The streams that may take now, with `ready` messages waiting."""
+        streams = self.streams
+        if ready >= len(streams):
+            return [s for s in streams if s.wants_more()]
+        start = self._turn % len(streams)
+        chosen: list[Stream] = []
+        for s in streams[start:] + streams[:start]:
+            if s.wants_more():
+                chosen.append(s)
+                if len(chosen) == ready:
+                    break
+        return chosen
+
+    def may_take(self, stream: Stream, ready: int) -> bool:
+        if ready >= len(self.streams):  # the fast path of a backlog
+            return stream.wants_more()
+        return stream in self.in_turn(ready)
+
+
 @dataclass(slots=True)
 class DeliveryPolicy:
     """The parts of a subscription's settings that shape delivery."""

@@ -26,6 +26,7 @@ from emulator.model import (
     Entry,
     StoredMessage,
     Stream,
+    StreamRing,
 )
 
 Delivery = tuple[str, Any, int]
@@ -48,8 +49,7 @@ class SubscriptionState:
         self._pull_cond = threading.Condition(self._lock)
         self._ready: deque[Entry] = deque()
         self._leases: dict[str, Entry] = {}
-        self._streams: list[Stream] = []
-        self._turn = 0  # index in _streams of the stream whose turn is next
+        self._streams = StreamRing()
         self._held: defaultdict[str, deque[Entry]] = defaultdict(deque)
         self._busy_keys: set[str] = set()
         self._ack_prefix = f"{next(self._ack_prefixes)}-"
@@ -89,30 +89,9 @@ class SubscriptionState:
     def _wake(self) -> None:
         if not self._ready:
             return
-        for s in self._in_turn():
+        for s in self._streams.in_turn(len(self._ready)):
             s.cond.notify()
         self._pull_cond.notify_all()
-
-    def _in_turn(self) -> list[Stream]:
-        """The streams that may take now. While the ready messages are at least as many as the
-        streams, every stream with room; below that, one stream with room per ready message, in
-        turn after the last one served, so that a trickle goes round every open stream."""
-        streams, k = self._streams, len(self._ready)
-        if k >= len(streams):
-            return [s for s in streams if s.wants_more()]
-        start = self._turn % len(streams)
-        chosen: list[Stream] = []
-        for s in streams[start:] + streams[:start]:
-            if s.wants_more():
-                chosen.append(s)
-                if len(chosen) == k:
-                    break
-        return chosen
-
-    def _may_take(self, stream: Stream) -> bool:
-        if len(self._ready) >= len(self._streams):  # the fast path of a backlog
-            return stream.wants_more()
-        return stream in self._in_turn()
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -123,7 +102,7 @@ class SubscriptionState:
             if self._deleted:
                 raise NotFound(f"Subscription does not exist (resource={self.name})")
             stream = Stream(self._lock, client_id, max_messages, max_bytes, deadline)
-            self._streams.append(stream)
+            self._streams.add(stream)
             return stream
 
     def close_stream(self, stream: Stream, code: str = "UNAVAILABLE", reason: str = "") -> None:
@@ -135,16 +114,13 @@ class SubscriptionState:
         if stream.closed:
             return
         stream.closed, stream.close_code, stream.close_reason = True, code, reason
-        index = self._streams.index(stream)
-        del self._streams[index]
-        if index < self._turn:
-            self._turn -= 1
+        self._streams.remove(stream)
         stream.cond.notify_all()
         self._wake()  # a message that was this stream's turn goes to the next one
 
     def close_all_streams(self, code: str, reason: str) -> None:
         with self._lock:
-            for stream in list(self._streams):
+            for stream in list(self._streams.streams):
                 self._close_locked(stream, code, reason)
 
     def stream_count(self) -> int:
@@ -171,7 +147,9 @@ class SubscriptionState:
                     raise NotFound(f"Subscription does not exist (resource={self.name})")
                 if stream is not None and stream.closed:
                     return None
-                if self._ready and (stream is None or self._may_take(stream)):
+                if self._ready and (
+                    stream is None or self._streams.may_take(stream, len(self._ready))
+                ):
                     break
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -179,11 +157,11 @@ class SubscriptionState:
                 cond.wait(remaining)
             n, nbytes = stream.quota() if stream is not None else (max_messages, UNLIMITED)
             # Spread a backlog over every open stream rather than letting the first one drain it.
-            takers = sum(1 for s in self._streams if s.wants_more())
+            takers = sum(1 for s in self._streams.streams if s.wants_more())
             share = math.ceil(len(self._ready) / max(1, takers))
             batch = self._lease(stream, min(n, share, max_messages), nbytes)
             if stream is not None:
-                self._turn = self._streams.index(stream) + 1
+                self._streams.served(stream)
             if self._ready:
                 self._wake()
             return batch
@@ -350,7 +328,7 @@ class SubscriptionState:
     def delete(self) -> None:
         with self._lock:
             self._deleted = True
-            for stream in list(self._streams):
+            for stream in list(self._streams.streams):
                 self._close_locked(stream, "NOT_FOUND", "Subscription does not exist")
             self._ready.clear()
             self._leases.clear()
