@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +34,18 @@ from google.cloud import pubsub_v1
 from rich.console import Console
 from rich.table import Table
 
-from bench.soak import DEFAULT_POSTGRES, Child, create_database, metrics, spawn_processor
+from bench.soak import (
+    DEFAULT_POSTGRES,
+    Child,
+    create_database,
+    create_resources,
+    drop_database,
+    metrics,
+    spawn_processor,
+    wait_ready,
+)
 from emulator.testing import emulator_process, wait_until
 from processor.config import SetupSettings
-from processor.setup import ensure_resources
 from processor.store import open_engine
 
 MB = 1024 * 1024
@@ -246,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             return measure(args, shapes, per_shape, streams, extra_env, url, workdir, console)
     finally:
         if admin is not None:
-            with admin.connect() as connection:
-                name = sa.make_url(url).database
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
+            drop_database(admin, url)
 
 
 def measure(
@@ -262,14 +266,7 @@ def measure(
     workdir: Path,
     console: Console,
 ) -> int:
-    run = uuid.uuid4().hex[:8]
-    names = {
-        "pubsub_topic": f"hostile-{run}",
-        "pubsub_subscription": f"hostile-sub-{run}",
-        "pubsub_dead_letter_topic": f"hostile-dlq-{run}",
-        "pubsub_dead_letter_subscription": f"hostile-dlq-sub-{run}",
-    }
-    ensure_resources(SetupSettings(**names))
+    names = create_resources("hostile")
     os.environ.update(extra_env)  # spawn_processor passes this process's environment on
     engine = open_engine(url)
     publisher = pubsub_v1.PublisherClient()
@@ -284,8 +281,7 @@ def measure(
     phases.append((f"all {len(shapes)} shapes at once, {streams} of each", shapes * streams))
     for phase, (label, kinds) in enumerate(phases, start=1):
         child = spawn_processor(f"processor-{phase}", names, url, workdir)
-        ready = wait_until(lambda c=child: metrics(c.metrics_port), timeout=60, interval=0.2)
-        assert ready, child.log_path.read_text()[-2000:]
+        wait_ready(child)
         idle = child.sample_rss()
         bodies = [body(kind, f"10.200.{phase}.{i}", args.size) for i, kind in enumerate(kinds)]
         row = run_phase(label, bodies, phase, args, publisher, topic, child, engine)

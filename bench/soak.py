@@ -137,6 +137,32 @@ def create_database(admin_url: str) -> tuple[str, sa.Engine]:
     return url, admin
 
 
+def drop_database(admin: sa.Engine, url: str) -> None:
+    """Drop the database `create_database` made."""
+    with admin.connect() as connection:
+        name = sa.make_url(url).database
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def create_resources(prefix: str) -> dict[str, str]:
+    """A fresh topic, subscription, dead-letter topic and subscription: their settings."""
+    run = uuid.uuid4().hex[:8]
+    names = {
+        "pubsub_topic": f"{prefix}-{run}",
+        "pubsub_subscription": f"{prefix}-sub-{run}",
+        "pubsub_dead_letter_topic": f"{prefix}-dlq-{run}",
+        "pubsub_dead_letter_subscription": f"{prefix}-dlq-sub-{run}",
+    }
+    ensure_resources(SetupSettings(**names))
+    return names
+
+
+def wait_ready(child: Child) -> None:
+    ready = wait_until(lambda: metrics(child.metrics_port), timeout=60, interval=0.2)
+    assert ready, child.log_path.read_text()[-2000:]
+
+
 def spawn_processor(name: str, names: dict[str, str], url: str, workdir: Path) -> Child:
     port = free_port()
     log_path = workdir / f"{name}.log"
@@ -203,27 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PUBSUB_EMULATOR_HOST"] = address
             return soak(args, url, workdir, console)
     finally:
-        with admin.connect() as connection:
-            name = sa.make_url(url).database
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+        drop_database(admin, url)
 
 
 def soak(args: argparse.Namespace, url: str, workdir: Path, console: Console) -> int:
-    run = uuid.uuid4().hex[:8]
-    names = {
-        "pubsub_topic": f"soak-{run}",
-        "pubsub_subscription": f"soak-sub-{run}",
-        "pubsub_dead_letter_topic": f"soak-dlq-{run}",
-        "pubsub_dead_letter_subscription": f"soak-dlq-sub-{run}",
-    }
-    ensure_resources(SetupSettings(**names))
+    names = create_resources("soak")
     children = [
         spawn_processor(f"processor-{i}", names, url, workdir) for i in range(args.processors)
     ]
     for child in children:
-        ready = wait_until(lambda c=child: metrics(c.metrics_port), timeout=60, interval=0.2)
-        assert ready, child.log_path.read_text()[-2000:]
+        wait_ready(child)
         child.sample_rss()
     log = workdir / "scanner.jsonl"
     console.print(
