@@ -9,7 +9,10 @@ with `--good` good scans around them, until every one of them is acked (committe
 dead-lettered); its peak RSS (VmHWM) is then read, and it is stopped. Last, STREAMS messages of
 every shape, all at once. Prints shape | messages | peak RSS MB | good stored | hostile stored |
 dead-lettered by reason, after a first table of what `decode` alone costs for one message of
-each shape (peak RSS above the message itself, CPU, outcome; each in a fresh process).
+each shape (peak RSS above the message itself, CPU, outcome; each in a fresh process). Two
+reference rows come first: the client alone (the processor's subscriber, same streams and flow
+control) taking the wide arrays and acking them, then publishing a copy of each (as a dead
+letter) and acking it once confirmed: the floor a consumer built on that client starts from.
 
     uv run python -m bench.hostile [--per-shape N] [--size 9990000] [--postgres [URL]]
                                    [--env KEY=VALUE ...]
@@ -97,6 +100,9 @@ SHAPES: dict[str, Callable[[str, int], bytes]] = {
 }
 
 
+SHAPES_FIRST = next(iter(SHAPES))
+
+
 def body(shape: str, ip: str, size: int) -> bytes:
     """A message of `shape` of at most `size` bytes."""
     room = size - len(SHAPES[shape](ip, 0)) - 16
@@ -147,6 +153,62 @@ def decoder_table(console: Console, shapes: list[str], size: int) -> None:
         row = json.loads(result.stdout.splitlines()[-1])
         table.add_row(shape, f"{row['added_mb']:.0f}", f"{row['cpu_ms']:.0f}", row["outcome"])
     console.print(table)
+
+
+FLOORS = {"client floor: ack only": "ack", "client floor: publish a copy, then ack": "copy"}
+
+
+def floor_child(args: argparse.Namespace) -> dict[str, object]:
+    """In this (fresh) process: the client alone takes `--count` messages; its peak RSS."""
+    from processor.app import subscriber_client
+    from processor.config import ProcessorSettings
+
+    settings = ProcessorSettings()
+    publisher = pubsub_v1.PublisherClient()
+    acked: list[int] = []
+
+    def callback(message: pubsub_v1.subscriber.message.Message) -> None:
+        if args.floor_child == "ack":
+            message.ack()
+            acked.append(1)
+            return
+        future = publisher.publish(settings.dead_letter_topic_path, message.data, reason="x")
+        future.add_done_callback(lambda _: (message.ack(), acked.append(1)))
+
+    flow = pubsub_v1.types.FlowControl(
+        max_messages=settings.max_messages, max_bytes=settings.max_bytes
+    )
+    client = subscriber_client()
+    for _ in range(settings.streams):
+        client.subscribe(settings.subscription_path, callback, flow_control=flow)
+    done = wait_until(lambda: len(acked) >= args.count, timeout=args.timeout, interval=0.05)
+    return {"peak": peak_rss_mb("self"), "done": done}
+
+
+def run_floor(
+    label: str, names: dict[str, str], bodies: list[bytes], args: argparse.Namespace
+) -> dict[str, object]:
+    publisher = pubsub_v1.PublisherClient()
+    topic = f"projects/{SetupSettings().pubsub_project_id}/topics/{names['pubsub_topic']}"
+    for future in [publisher.publish(topic, data) for data in bodies]:
+        future.result(timeout=120)
+    started = time.monotonic()
+    command = [sys.executable, "-m", "bench.hostile", "--floor-child", FLOORS[label]]
+    command += ["--count", str(len(bodies)), "--timeout", str(args.timeout)]
+    env = os.environ | {k.upper(): v for k, v in names.items()}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    row = json.loads(result.stdout.splitlines()[-1])
+    return {
+        "shape": label,
+        "messages": f"{len(bodies)} wide arrays",
+        "idle": float("nan"),
+        "peak": row["peak"],
+        "good": "-",
+        "stored": "-",
+        "dead": "-",
+        "seconds": time.monotonic() - started,
+        "done": row["done"],
+    }
 
 
 def run_phase(
@@ -224,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shapes", help="comma-separated shape numbers (1-based); default all")
     parser.add_argument("--decode-child", choices=list(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--floor-child", choices=list(FLOORS.values()), help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--env",
         action="append",
@@ -235,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_child:
         print(json.dumps(decode_alone(args.decode_child, args.size)))
         return 0
+    if args.floor_child:
+        print(json.dumps(floor_child(args)), flush=True)
+        os._exit(0)  # the client's threads need not be waited for
     extra_env = dict(pair.split("=", 1) for pair in args.env)
     streams = int(extra_env.get("STREAMS", os.environ.get("STREAMS", "2")))
     per_shape = args.per_shape or streams * 4
@@ -277,6 +344,10 @@ def measure(
         f" of {args.size:,} bytes a shape, {args.good} good scans a phase; logs in {workdir}"
     )
     rows, codes = [], []
+    for label in FLOORS:
+        wide = [body(SHAPES_FIRST, f"10.201.0.{i}", args.size) for i in range(per_shape)]
+        rows.append(run_floor(label, names, wide, args))
+        console.print(f"  {label}: peak {rows[-1]['peak']:.0f} MB")
     phases = [(shape, [shape] * per_shape) for shape in shapes]
     phases.append((f"all {len(shapes)} shapes at once, {streams} of each", shapes * streams))
     for phase, (label, kinds) in enumerate(phases, start=1):
@@ -327,7 +398,7 @@ def report(console: Console, rows: list[dict[str, object]]) -> None:
         table.add_row(
             str(row["shape"]),
             str(row["messages"]),
-            f"{row['idle']:.0f}",
+            "-" if row["idle"] != row["idle"] else f"{row['idle']:.0f}",
             f"{row['peak']:.0f}",
             str(row["good"]),
             str(row["stored"]),
