@@ -35,14 +35,15 @@ def load_revision(revision: str) -> ModuleType:
         text=True,
         check=True,
     ).stdout
-    path = Path(tempfile.mkdtemp(prefix="mini-scan-decode-")) / "schema_then.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("schema_then", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["schema_then"] = module  # pydantic resolves the TypedDicts' annotations here
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="mini-scan-decode-") as directory:
+        path = Path(directory) / "schema_then.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("schema_then", path)
+        if spec is None or spec.loader is None:
+            raise RuntimeError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["schema_then"] = module  # pydantic resolves the TypedDicts' annotations here
+        spec.loader.exec_module(module)
     return module
 
 

@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if admin is not None:
             drop_database(admin, url)
+        for database in workdir.glob("hostile.db*"):  # hundreds of MB of stored responses
+            database.unlink()
 
 
 def measure(
