@@ -16,6 +16,7 @@ from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports.grpc import SubscriberGrpcTransport
 
+from processor import allocator
 from processor.config import (
     ArgumentParser,
     ConfigError,
@@ -152,6 +153,7 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.tune()  # before the threads that allocate message buffers start
     parser = ArgumentParser(description="Consume scan results into the database.")
     add_arguments(parser, ProcessorSettings)
     args = parser.parse_args(argv)

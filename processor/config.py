@@ -111,7 +111,10 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
         1000, ge=1, description="flow control: messages held per stream, unacked"
     )
     max_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="flow control: bytes held per stream, unacked"
+        10 * 1024 * 1024,
+        ge=1024,
+        description="flow control: bytes held per stream, unacked (with the batch consumer, "
+        "decoded responses count too)",
     )
     lease_seconds: int = Field(
         20,

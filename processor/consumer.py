@@ -8,9 +8,10 @@ hand-off. Per batch (in the writer thread): commit, then ack in bulk.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -29,6 +30,8 @@ from processor.writer import Writer
 
 _log = structlog.get_logger("processor.consumer")
 
+LARGE_MESSAGE_BYTES = 64 * 1024  # below this, a decoded message's size is not worth weighing
+
 
 class Source(Acknowledger, Protocol):
     """Where deliveries come from; it also settles them (ack, nack)."""
@@ -38,6 +41,9 @@ class Source(Acknowledger, Protocol):
     def start(self) -> None: ...
 
     def streams_open(self) -> bool: ...
+
+    def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
+        """Count, beside each held message's data, the bytes its decoded form takes."""
 
     def pause(self) -> None:
         """Close the streams but keep the leases of what is held."""
@@ -98,18 +104,24 @@ class Processor:
         """Decode deliveries: observations to the batcher in one hand-off, rejections to the
         dead-letter topic. Never raises: a message it cannot place is handed back."""
         self._metrics.received.inc(len(deliveries))
-        held, unplaced = [], []
+        held, unplaced, weights = [], [], []
         for received in deliveries:
             try:
                 observation = decode(
                     received.data, max_skew=self._max_skew, max_bytes=self._max_bytes
                 )
                 held.append(Held(received, observation))
+                if len(received.data) > LARGE_MESSAGE_BYTES:
+                    # A decoded response can take up to 4 bytes a character: flow control
+                    # must count it, or large messages would hold several times MAX_BYTES.
+                    weights.append((received, sys.getsizeof(observation.response)))
             except Rejection as rejection:
                 self._dead_letters.send(received, rejection.reason, rejection.message)
             except Exception:  # a bug must not leave a message leased until its lease runs out
                 _log.exception("decode_failed", message_id=received.message_id)
                 unplaced.append(received)
+        if weights:
+            self._source.weigh(weights)
         if held and not self._batcher.add_many(held):
             unplaced += [h.received for h in held]
         if unplaced:

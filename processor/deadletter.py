@@ -31,6 +31,9 @@ _log = structlog.get_logger("processor.deadletter")
 MAX_ATTRIBUTE_BYTES = 1024  # an attribute value
 MAX_ATTRIBUTES = 100  # attributes per message
 MAX_REQUEST_BYTES = 10_000_000  # a serialized publish request, topic and message included
+# The client holds several copies of a message while its publish is under way: large dead
+# letters wait for room rather than multiply memory (two maximum-size ones at a time).
+MAX_BYTES_IN_FLIGHT = 2 * MAX_REQUEST_BYTES
 
 
 class DeadLetters:
@@ -51,7 +54,9 @@ class DeadLetters:
         self._acks = acks
         self._metrics = metrics
         self._in_flight: set[futures.Future[Any]] = set()
+        self._bytes_in_flight = 0
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         # One summary line a second at most, however many messages are rejected.
         self._unreported: dict[str, int] = {}
         self._samples: dict[str, dict[str, str]] = {}
@@ -68,10 +73,18 @@ class DeadLetters:
             "source_publish_time": published.isoformat(),
         }
         data, attributes = fit(self._topic, message.data, dict(message.attributes), why)
+        with self._room:  # back-pressure on the caller (a stream, or the writer)
+            self._room.wait_for(
+                lambda: (
+                    self._bytes_in_flight == 0
+                    or self._bytes_in_flight + len(data) <= MAX_BYTES_IN_FLIGHT
+                )
+            )
+            self._bytes_in_flight += len(data)
         future = self._publisher.publish(self._topic, data, **attributes)
         with self._lock:
             self._in_flight.add(future)
-        future.add_done_callback(lambda done: self._settle(done, message, reason, error))
+        future.add_done_callback(lambda done: self._settle(done, message, len(data), reason, error))
 
     def wait(self, timeout: float) -> bool:
         """Wait for the publishes under way; True if none is left."""
@@ -92,10 +105,12 @@ class DeadLetters:
         _log.warning("dead_lettered", counts=counts, samples=samples)
 
     def _settle(
-        self, done: futures.Future[Any], message: Received, reason: Reason, why: str
+        self, done: futures.Future[Any], message: Received, size: int, reason: Reason, why: str
     ) -> None:
-        with self._lock:
+        with self._room:
             self._in_flight.discard(done)
+            self._bytes_in_flight -= size
+            self._room.notify_all()
         failure = done.exception()
         if failure is not None:
             self._acks.nack([message])

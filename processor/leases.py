@@ -66,6 +66,14 @@ class Leases:
                 self._held[message.ack_id] = len(message.data)
             self._bytes += sum(len(message.data) for message in messages)
 
+    def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
+        """Add bytes to held messages (their decoded form), counted until they are released."""
+        with self._room:
+            for message, extra in weights:
+                if message.ack_id in self._held:
+                    self._held[message.ack_id] += extra
+                    self._bytes += extra
+
     def ack(self, messages: Sequence[Received]) -> None:
         self._release("ack", messages)
 

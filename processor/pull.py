@@ -91,6 +91,9 @@ class StreamingPull:
     def streams_open(self) -> bool:
         return all(stream.open for stream in self._streams)
 
+    def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
+        self._leases.weigh(weights)
+
     def ack(self, messages: Sequence[Received]) -> None:
         self._leases.ack(messages)
 

@@ -68,6 +68,9 @@ class ClientSubscriber:
     def streams_open(self) -> bool:
         return bool(self._futures) and not any(f.done() for f in self._futures)
 
+    def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
+        """The client's flow control counts each message's data only; nothing to add here."""
+
     def ack(self, messages: Sequence[Received]) -> None:
         for message in messages:
             message.handle.ack()

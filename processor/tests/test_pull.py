@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,7 +18,9 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator import Emulator
 from emulator.testing import free_port, wait_until
-from processor.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, _chunks
+from processor.delivery import Received
+from processor.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
+from processor.observability import Metrics
 from processor.tests.chaos import SqliteWriteLock
 from processor.tests.conftest import Pipeline, http_get, metric, unique
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle
@@ -189,3 +192,22 @@ def _bodies(items: list) -> list[bytes]:
     from processor.tests.conftest import scan
 
     return [scan(o.ip, o.port, o.service, o.timestamp, o.response) for o in items]
+
+
+def test_decoded_responses_count_toward_the_byte_limit_until_released() -> None:
+    # Given leases allowing 1 MB in all, holding one 300 kB message
+    leases = Leases(None, "", 10, 1000, 1_000_000, Metrics(), keepalive=lambda: None)  # type: ignore[arg-type]
+    message = Received("ack-1", "1", b"x" * 300_000, {}, 0.0)
+    leases.add([message])
+    stop = threading.Event()
+    leases.wait_for_room(stop)  # room: returns at once
+    # When its decoded form (say 1.2 MB: 4 bytes a character) is weighed
+    leases.weigh([(message, 1_200_000)])
+    waiter = threading.Thread(target=leases.wait_for_room, args=(stop,))
+    waiter.start()
+    waiter.join(timeout=1)
+    # Then a stream waits for room, and reads again once the message is released
+    assert waiter.is_alive()
+    leases.ack([message])  # queued for a sender thread this test does not start
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
