@@ -28,7 +28,7 @@ from processor.config import (
 from processor.consumer import Processor
 from processor.observability import HealthServer, Metrics, configure_logging, redact_url
 from processor.stopping import Stopped, stop_on_signals
-from processor.store import Repository, migrate, open_engine
+from processor.store import Repository, migrate, open_engine, unsuitable
 
 _log = structlog.get_logger("processor")
 T = TypeVar("T")
@@ -114,6 +114,8 @@ def bootstrap(
         )
     engine = open_engine(settings.database_url, timeout=settings.database_timeout)
     wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
+    if problem := unsuitable(engine):
+        raise StartupError(problem)
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)
 
 
@@ -184,7 +186,10 @@ def migrate_main(argv: list[str] | None = None) -> int:
     add_arguments(parser, DatabaseSettings)
     try:
         settings = load(DatabaseSettings, parser.parse_args(argv))
-        migrate(open_engine(settings.database_url))
+        engine = open_engine(settings.database_url)
+        migrate(engine)
+        if problem := unsuitable(engine):
+            raise RuntimeError(problem)
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -188,6 +188,24 @@ def _shut_down(dbapi_connection: Any) -> None:
             duplicate.shutdown(socket.SHUT_RDWR)
 
 
+def unsuitable(engine: Engine) -> str | None:
+    """Why this database cannot hold the table as the merge rule needs it, or None.
+
+    PostgreSQL must store text as UTF-8: a LATIN1 database refuses every response outside its
+    alphabet row by row (each one dead-lettered), and SQL_ASCII stores bytes it never checks.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as connection:
+        encoding = connection.exec_driver_sql("SHOW server_encoding").scalar()
+    if encoding == "UTF8":
+        return None
+    return (
+        f"the PostgreSQL database's encoding is {encoding}; mini-scan needs UTF8 "
+        "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+    )
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision; safe when many processes start at once."""
     from alembic import command  # imported here: half a second of start-up, needed once

@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
+import sqlalchemy as sa
 
 from emulator.testing import free_port, wait_until
 from processor.config import SetupSettings
 from processor.setup import ensure_resources
+from processor.store import database_url
 from processor.tests.conftest import unique
 from processor.tests.oracle import expected_rows, stored_rows
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle
@@ -199,3 +202,47 @@ def test_setup_is_idempotent(emulator_host):
 
     assert len(ensure_resources(names)) == 4
     assert ensure_resources(names) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("consumer", ["batch"])  # a start-up check: one consumer is enough
+def test_a_postgresql_database_not_in_utf8_is_refused_in_one_line(
+    emulator_host, make_pipeline, postgres_server_url
+):
+    # Given a LATIN1 database (it would refuse most of the world's responses, row by row)
+    admin = sa.create_engine(database_url(postgres_server_url), isolation_level="AUTOCOMMIT")
+    name = f"mini_scan_latin1_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    url = database_url(postgres_server_url).set(database=name)
+    try:
+        pipeline = make_pipeline(database_url=url.render_as_string(hide_password=False))
+        # When the processor, or `mini-scan migrate`, starts on it
+        process = run_processor(
+            "--pubsub-subscription",
+            pipeline.settings.pubsub_subscription,
+            "--database-url",
+            pipeline.settings.database_url,
+            "--metrics-port",
+            "0",
+        )
+        migrate = subprocess.run(
+            [sys.executable, "-m", "processor.cli", "migrate"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=os.environ | {"DATABASE_URL": pipeline.settings.database_url},
+        )
+        # Then each refuses at once, in one line saying what to do
+        for result in (process, migrate):
+            assert result.returncode == 1
+            assert result.stderr.strip().count("\n") == 0, result.stderr
+            assert "LATIN1" in result.stderr
+            assert "UTF8" in result.stderr
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
