@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 UNLIMITED = 1 << 62
@@ -88,6 +89,9 @@ class StreamRing:
 
     def __len__(self) -> int:
         return len(self.streams)
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(self.streams)
 
     def add(self, stream: Stream) -> None:
         self.streams.append(stream)

@@ -120,7 +120,7 @@ class SubscriptionState:
 
     def close_all_streams(self, code: str, reason: str) -> None:
         with self._lock:
-            for stream in list(self._streams.streams):
+            for stream in list(self._streams):
                 self._close_locked(stream, code, reason)
 
     def stream_count(self) -> int:
@@ -157,7 +157,7 @@ class SubscriptionState:
                 cond.wait(remaining)
             n, nbytes = stream.quota() if stream is not None else (max_messages, UNLIMITED)
             # Spread a backlog over every open stream rather than letting the first one drain it.
-            takers = sum(1 for s in self._streams.streams if s.wants_more())
+            takers = sum(1 for s in self._streams if s.wants_more())
             share = math.ceil(len(self._ready) / max(1, takers))
             batch = self._lease(stream, min(n, share, max_messages), nbytes)
             if stream is not None:
@@ -328,7 +328,7 @@ class SubscriptionState:
     def delete(self) -> None:
         with self._lock:
             self._deleted = True
-            for stream in list(self._streams.streams):
+            for stream in list(self._streams):
                 self._close_locked(stream, "NOT_FOUND", "Subscription does not exist")
             self._ready.clear()
             self._leases.clear()
