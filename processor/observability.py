@@ -136,6 +136,8 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        for cause in ("row", "table"):  # exported at 0 from the start, so increase() sees the first
+            self.storage_refusals.labels(cause=cause)
         self.batch_size = Histogram(
             "mini_scan_batch_size",
             "Messages per committed batch",
