@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import structlog
 from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
+from google.pubsub_v1 import types as pubsub_types
 
 from processor.delivery import Received
 from processor.observability import Metrics, excerpt
@@ -27,6 +28,8 @@ MAX_REQUEST_BYTES = 512 * 1024  # Pub/Sub: bytes in one such request
 KEEPALIVE_SECONDS = 30.0  # an empty request on every stream this often keeps idle streams open
 RESUME_AT = 0.8  # a paused stream reads again once what is held falls below this share
 
+_ACK = pubsub_types.AcknowledgeRequest
+_MODACK = pubsub_types.ModifyAckDeadlineRequest
 _Request = tuple[str, list[str]] | None  # ("ack" | "nack", ack ids); None stops the thread
 
 
@@ -62,9 +65,10 @@ class Leases:
     def add(self, messages: Sequence[Received]) -> None:
         """Hold delivered messages: their leases are extended from now on."""
         with self._room:
+            held = self._held
             for message in messages:
-                self._held[message.ack_id] = len(message.data)
-            self._bytes += sum(len(message.data) for message in messages)
+                held[message.ack_id] = size = len(message.data)
+                self._bytes += size
 
     def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
         """Add bytes to held messages (their decoded form), counted until they are released."""
@@ -144,15 +148,19 @@ class Leases:
     def _send(self, kind: str, ack_ids: list[str]) -> None:
         for chunk in _chunks(ack_ids):
             try:
+                # Requests are built as raw protobuf and wrapped: proto-plus would marshal the
+                # list one id at a time, a fifth of a busy processor's CPU.
                 if kind == "ack":
-                    self._subscriber.acknowledge(subscription=self._subscription, ack_ids=chunk)
+                    ack = _ACK.pb()(subscription=self._subscription, ack_ids=chunk)
+                    self._subscriber.acknowledge(request=_ACK.wrap(ack))
                 else:
                     seconds = 0 if kind == "nack" else self._lease_seconds
-                    self._subscriber.modify_ack_deadline(
+                    modack = _MODACK.pb()(
                         subscription=self._subscription,
                         ack_ids=chunk,
                         ack_deadline_seconds=seconds,
                     )
+                    self._subscriber.modify_ack_deadline(request=_MODACK.wrap(modack))
             except (google_exceptions.GoogleAPIError, ValueError) as exc:
                 # Best effort, as in the client library: an ack that is lost is redelivered, a
                 # lost extension or nack only changes when the message comes back.
@@ -180,16 +188,11 @@ def _drain(requests: queue.SimpleQueue[_Request], wait: float) -> list[_Request]
 
 def _chunks(ack_ids: list[str]) -> Iterator[list[str]]:
     """Ack ids in requests within Pub/Sub's limits: at most 2,500 ids and 512 KiB each (with
-    room for the subscription name and the framing of each id)."""
-    budget = MAX_REQUEST_BYTES - 4096
-    chunk: list[str] = []
-    size = 0
-    for ack_id in ack_ids:
-        cost = len(ack_id) + 3
-        if chunk and (len(chunk) == MAX_IDS_PER_REQUEST or size + cost > budget):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(ack_id)
-        size += cost
-    if chunk:
-        yield chunk
+    room for the subscription name, and 3 bytes of framing an id). Sized by the longest id, so
+    ids of one length (Pub/Sub's are) take as few requests as the limits allow."""
+    if not ack_ids:
+        return
+    longest = max(map(len, ack_ids)) + 3
+    size = max(1, min(MAX_IDS_PER_REQUEST, (MAX_REQUEST_BYTES - 4096) // longest))
+    for start in range(0, len(ack_ids), size):
+        yield ack_ids[start : start + size]
