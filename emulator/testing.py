@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,11 +37,30 @@ def wait_until(
         time.sleep(interval)
 
 
+# Under pytest-xdist, each worker draws ports from a range of its own below the kernel's ephemeral
+# ports (32768 and up), so two workers never pick the same one and the kernel never hands it out.
+_WORKER_PORTS = 1500
+_WORKER_BASE = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual race applies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    base = _WORKER_BASE + int(worker[2:]) % 8 * _WORKER_PORTS
+    start = random.randrange(_WORKER_PORTS)
+    for offset in range(_WORKER_PORTS):
+        port = base + (start + offset) % _WORKER_PORTS
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}..{base + _WORKER_PORTS - 1}")
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -43,7 +43,9 @@ from processor.tests.compose import (
     rows_from_json_lines,
 )
 
-pytestmark = [pytest.mark.compose, pytest.mark.timeout(600)]
+# One worker takes every compose test (pytest-xdist's loadgroup): they build one image and run
+# their stacks one after another.
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(600), pytest.mark.xdist_group("compose")]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROCESSORS = 5
