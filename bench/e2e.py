@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
+        from processor.app import tune_runtime
+
+        tune_runtime()  # every row runs as `process` does, so the ratios compare consumers only
         result = CHILDREN[args.child](args)
         result["rss_mb"] = _peak_rss_mb()
         print(json.dumps(result), flush=True)

@@ -154,8 +154,20 @@ def run(settings: ProcessorSettings, stop: threading.Event) -> int:
             health.stop()
 
 
+def tune_runtime() -> None:
+    """Process-wide settings for a consumer: call before its threads start.
+
+    The allocator hands large message buffers back to the system (processor/allocator.py). The
+    switch interval is CPython's 5 ms default cut to 1 ms: the stream readers and the lease keeper
+    wait on the GIL while the writer decodes a batch, and with 5 ms slices the writer's batch
+    waits on their turns (measured: bench/e2e.py, BENCHMARKS.md).
+    """
+    allocator.tune()
+    sys.setswitchinterval(0.001)
+
+
 def main(argv: list[str] | None = None) -> int:
-    allocator.tune()  # before the threads that allocate message buffers start
+    tune_runtime()
     parser = ArgumentParser(description="Consume scan results into the database.")
     add_arguments(parser, ProcessorSettings)
     args = parser.parse_args(argv)

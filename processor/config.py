@@ -128,7 +128,7 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
         description="longest a message waits for a commit; past it, in a database outage, the "
         "processor hands back all but the batch it retries and pauses its streams",
     )
-    batch_size: int = Field(500, ge=1, le=10_000, description="rows per transaction, at most")
+    batch_size: int = Field(1000, ge=1, le=10_000, description="rows per transaction, at most")
     batch_max_wait_ms: int = Field(
         50, ge=1, le=60_000, description="oldest message's wait before its batch is flushed"
     )
