@@ -11,7 +11,7 @@ includes the few seconds of preloading, alike for all:
   (f) the processor on SQLite with CONSUMER=client;
   (d) the common design: one transaction and one ack per message inside the callback (SQLite,
       same engine settings), timed on the first --common-count messages: it is that slow;
-  (p) decode + upsert_many in batches of 500 on SQLite, no Pub/Sub: the pipeline's own limit.
+  (p) decode + upsert_many in BATCH_SIZE batches on SQLite, no Pub/Sub: the pipeline's own limit.
 
     uv run python -m bench.e2e [--messages 200000] [--streams 2] [--postgres URL]
     uv run python -m bench.e2e --scaling [--messages 200000]   # 1, 2, 4 processor processes
@@ -232,15 +232,18 @@ def child_common(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    """Decode + upsert_many in batches of 500, the same messages, no Pub/Sub."""
+    """Decode + upsert_many in the processor's batches, the same messages, no Pub/Sub."""
+    from processor.config import ProcessorSettings
     from processor.store import Repository, migrate, open_engine
+
+    size = ProcessorSettings.model_fields["batch_size"].default
 
     bodies = [message.data for message in reference_messages(args.count)]
     repository = Repository(open_engine(args.database_url))
     migrate(repository.engine)
     started, cpu = time.perf_counter(), time.process_time()
-    for start in range(0, len(bodies), 500):
-        repository.upsert_many([decode(body) for body in bodies[start : start + 500]])
+    for start in range(0, len(bodies), size):
+        repository.upsert_many([decode(body) for body in bodies[start : start + size]])
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"messages": len(bodies), "seconds": elapsed, "cpu": cpu, "p50": 0.0, "p99": 0.0}
 

@@ -2,9 +2,6 @@
 
 import sys
 
-from processor.stopping import exit_on_signals
+from processor.cli import main
 
-with exit_on_signals(0):  # a stop while the processor is being imported: nothing to clean up
-    from processor.app import main
-
-    sys.exit(main())
+sys.exit(main(["process", *sys.argv[1:]]))  # a stop while it imports, or no credentials: one line

@@ -21,6 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "healthcheck": ("processor.healthcheck:main", "exit 0 if this container's role is healthy"),
 }
 
+NO_CREDENTIALS = (
+    "no Google Cloud credentials: set PUBSUB_EMULATOR_HOST (or --pubsub-emulator-host) to use an "
+    "emulator, or GOOGLE_APPLICATION_CREDENTIALS for Pub/Sub itself"
+)
+
 # These run until stopped, so a stop is their normal end (exit 0); the others do a job and exit
 # 128 + the signal when stopped before it was done (processor/stopping.py).
 RUN_UNTIL_STOPPED = {"up", "process", "scan", "emulator"}
@@ -48,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_signals(0 if name in RUN_UNTIL_STOPPED else None):
         function = getattr(importlib.import_module(module_name), function_name)
         sys.argv[0] = f"mini-scan {name}"  # argparse's default prog, in every subcommand's help
-        return int(function(rest) or 0)
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            return int(function(rest) or 0)
+        except DefaultCredentialsError:  # raised by the first Pub/Sub client any command makes
+            print(f"mini-scan {name}: error: {NO_CREDENTIALS}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

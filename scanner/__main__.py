@@ -1,12 +1,9 @@
-"""`python -m scanner`."""
+"""`python -m scanner`: the same as `mini-scan scan`."""
 
 from __future__ import annotations
 
 import sys
 
-from processor.stopping import exit_on_signals
+from processor.cli import main
 
-with exit_on_signals(0):  # a stop while the scanner is being imported: nothing to clean up
-    from scanner.cli import main
-
-    sys.exit(main())
+sys.exit(main(["scan", *sys.argv[1:]]))  # a stop while it imports, or no credentials: one line

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from processor.cli import COMMANDS, main
+from processor.cli import COMMANDS, NO_CREDENTIALS, main
 
 BAD_FLAGS = {
     "up": ["--processors", "x"],
@@ -51,3 +55,24 @@ def test_help_lists_every_command(capsys):
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("process", ["-m", "processor", "--metrics-port", "0"]),
+        ("scan", ["-m", "scanner", "--count", "1"]),
+        ("setup", ["-m", "processor.cli", "setup"]),
+        ("dlq", ["-m", "processor.cli", "dlq", "list"]),
+    ],
+)
+def test_no_emulator_and_no_credentials_is_one_line_and_exit_code_2(command, argv, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUBSUB_", "GOOGLE_"))}
+    env |= {"HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path), "NO_GCE_CHECK": "True"}
+
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"mini-scan {command}: error: {NO_CREDENTIALS}"]
