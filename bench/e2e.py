@@ -326,6 +326,8 @@ def run_fleet(
     """`size` processor processes on one subscription and database; total msg/s until `count`
     messages are acked, and what each process did."""
     files = [workdir / f"progress-{size}-{i}" for i in range(size)]
+    for f in files:
+        f.unlink(missing_ok=True)  # the previous database's run at this size left its count
     children = [
         subprocess.Popen(
             [*_child_command("fleet", subscription, count, url, args), "--progress", str(f)],
