@@ -338,23 +338,26 @@ def run_fleet(
         for f in files
     ]
 
-    def acked() -> int:
-        return sum(int(f.read_text() or 0) for f in files if f.exists())
+    def acked() -> list[int]:
+        return [int(f.read_text() or 0) if f.exists() else 0 for f in files]
 
-    started = time.perf_counter()
-    wait_until(lambda: acked() >= count, timeout=3600, interval=0.02)
+    # The clock starts once every process has opened its streams (its first progress write):
+    # a fleet's rate is its drain rate, not its start-up, and what was acked before is left out.
+    wait_until(lambda: all(f.exists() for f in files), timeout=120, interval=0.01)
+    started, before = time.perf_counter(), acked()
+    wait_until(lambda: sum(acked()) >= count, timeout=3600, interval=0.02)
     elapsed = time.perf_counter() - started
     results = []
     for child in children:
         child.terminate()
         stdout, _ = child.communicate(timeout=60)
         results.append(_result(stdout) or {"messages": 0, "cpu": 0.0, "rss_mb": 0.0})
-    total = sum(r["messages"] for r in results)
+    drained = [r["messages"] - b for r, b in zip(results, before, strict=True)]
     return {
         "processes": size,
-        "rate": total / elapsed,
-        "per_process": [r["messages"] / elapsed for r in results],
-        "cpu_us": sum(r["cpu"] for r in results) / total * 1e6,
+        "rate": sum(drained) / elapsed,
+        "per_process": [n / elapsed for n in drained],
+        "cpu_us": sum(r["cpu"] for r in results) / sum(r["messages"] for r in results) * 1e6,
     }
 
 
