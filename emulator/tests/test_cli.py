@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from emulator.cli import main
-from emulator.testing import free_port
+from emulator.testing import free_port, wait_until
 
 
 def _serve_and_stop(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -84,3 +84,28 @@ def test_an_unknown_log_format_is_a_one_line_error_with_exit_code_2():
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "LOG_FORMAT" in done.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_stopped_while_python_imports_it_the_command_exits_0_without_a_traceback(stop, tmp_path):
+    # Given `python -m emulator` still importing its modules (Python reports each import as it
+    # ends, on stderr)
+    err = tmp_path / "stderr"
+    with open(err, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "emulator", "--port", str(free_port())],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            text=True,
+        )
+    try:
+        assert wait_until(
+            lambda: "google" in err.read_text() or proc.poll() is not None, 30, interval=0.005
+        )
+        # When it is stopped before it has started anything
+        proc.send_signal(stop)
+        # Then it ends at once with 0, as after serving, not killed by the signal
+        assert proc.wait(timeout=10) == 0, err.read_text()[-2000:]
+    finally:
+        proc.kill()
+    assert "Traceback" not in err.read_text()
