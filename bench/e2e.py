@@ -296,24 +296,22 @@ def run_child(
 
 def child_fleet_member(args: argparse.Namespace) -> dict[str, Any]:
     """A processor that runs until SIGTERM, writing how many messages it acked to a file."""
-    import signal
-
     from processor.app import bootstrap
     from processor.observability import Metrics, configure_logging
+    from processor.stopping import stop_on_signals
 
     configure_logging("WARNING", "json")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     metrics = Metrics()
     lags = _Recorded(metrics.lag_seconds)
     metrics.lag_seconds = lags  # type: ignore[assignment]
-    processor = bootstrap(_settings(args, args.consumer), metrics)
-    progress = Path(args.progress)
-    started, cpu = time.perf_counter(), time.process_time()
-    processor.start()
-    while not stop.wait(0.05):
-        progress.write_text(str(int(metrics.acked._value.get())))
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    with stop_on_signals() as stop:
+        processor = bootstrap(_settings(args, args.consumer), metrics)
+        progress = Path(args.progress)
+        started, cpu = time.perf_counter(), time.process_time()
+        processor.start()
+        while not stop.wait(0.05):
+            progress.write_text(str(int(metrics.acked._value.get())))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     processor.shutdown(5)
     messages = int(metrics.acked._value.get())
     p50, p99 = _percentiles(lags.values) if lags.values else (0.0, 0.0)

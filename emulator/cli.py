@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
-import threading
 
 import structlog
 
@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the emulator in the foreground; returns 0 after a clean SIGTERM/SIGINT shutdown."""
     args = _parse(argv)
     configure_logging(args.log_format, args.log_level)
-    stop = threading.Event()
+    # The handler only puts on a queue (a reentrant `put`): setting an Event from a handler can
+    # wait forever on the lock its own thread holds inside `Event.wait()`.
+    stops: queue.SimpleQueue[int] = queue.SimpleQueue()
     previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+        sig: signal.signal(sig, lambda signum, _frame: stops.put(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)
     }
     try:
         emulator = Emulator(host=args.host, port=args.port, rest_port=args.rest_port).start()
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         _log.error("emulator_start_failed", error=str(exc))
         return 1
     try:
-        stop.wait()
+        stops.get()
     finally:
         emulator.stop(grace=1.0)
         for sig, handler in previous.items():

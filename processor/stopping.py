@@ -11,6 +11,7 @@ installed before the heavy imports.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ class StopRequest(threading.Event):
 
     signal_number: int = 0
 
-    def request(self, signum: int, _frame: FrameType | None = None) -> None:
+    def request(self, signum: int) -> None:
         self.signal_number = self.signal_number or signum
         self.set()
 
@@ -42,10 +43,28 @@ class StopRequest(threading.Event):
 def stop_on_signals() -> Iterator[StopRequest]:
     """A stop request that SIGTERM and SIGINT set while the block runs; the previous handlers
     come back after it. Handlers live in the main thread: elsewhere (a command run in a test's
-    thread) the caller sets the request itself."""
+    thread) the caller sets the request itself.
+
+    The handler runs in the main thread wherever it is, possibly inside `stop.wait()` holding
+    the request's lock: setting the request there would wait on that lock forever. So the
+    handler only puts the signal on a queue (whose `put` is reentrant) and a thread of its own
+    sets the request."""
     stop = StopRequest()
-    with _handlers(stop.request) if _in_main_thread() else nullcontext():
+    if not _in_main_thread():
         yield stop
+        return
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def relay() -> None:
+        while signum := signals.get():
+            stop.request(signum)
+
+    threading.Thread(target=relay, name="stop-signals", daemon=True).start()
+    try:
+        with _handlers(lambda signum, _frame: signals.put(signum)):
+            yield stop
+    finally:
+        signals.put(0)  # ends the relay
 
 
 @contextmanager

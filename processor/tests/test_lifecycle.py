@@ -246,3 +246,28 @@ def test_a_postgresql_database_not_in_utf8_is_refused_in_one_line(
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+# A signal's Python handler runs in the main thread between two bytecodes, wherever that thread
+# is: here, inside `stop.wait()` at the moment it holds the request's own lock. Setting the
+# request from the handler would then wait on that lock forever, and the process would never stop.
+_STOP_WHILE_HOLDING_THE_LOCK = """
+import os, signal
+from processor.stopping import stop_on_signals
+with stop_on_signals() as stop:
+    with stop._cond:
+        os.kill(os.getpid(), signal.{name})
+    print(stop.wait(10) and stop.exit_code())
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_arriving_while_the_main_thread_holds_the_requests_lock_is_heard(stop: str):
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_WHILE_HOLDING_THE_LOCK.format(name=stop)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert done.stdout.strip() == str(128 + getattr(signal, stop)), done.stderr
