@@ -53,13 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_signals(0 if name in RUN_UNTIL_STOPPED else None):
         function = getattr(importlib.import_module(module_name), function_name)
         sys.argv[0] = f"mini-scan {name}"  # argparse's default prog, in every subcommand's help
-        from google.auth.exceptions import DefaultCredentialsError
-
         try:
             return int(function(rest) or 0)
-        except DefaultCredentialsError:  # raised by the first Pub/Sub client any command makes
+        except Exception as exc:  # the first Pub/Sub client a command makes finds no credentials
+            if not _missing_credentials(exc):
+                raise
             print(f"mini-scan {name}: error: {NO_CREDENTIALS}", file=sys.stderr)
             return 2
+
+
+def _missing_credentials(exc: Exception) -> bool:
+    # Not imported up front: `healthcheck`, run every few seconds, never loads google.auth.
+    auth = sys.modules.get("google.auth.exceptions")
+    return auth is not None and isinstance(exc, auth.DefaultCredentialsError)
 
 
 if __name__ == "__main__":
