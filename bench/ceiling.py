@@ -33,7 +33,7 @@ from rich.table import Table
 
 from bench.pipeline import batches, observations
 from processor.schema import Observation
-from processor.store import Repository, migrate, open_engine
+from processor.storage import Repository, migrate, open_engine
 
 BATCH = 500
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/mini_scan_bench"

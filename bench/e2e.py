@@ -204,7 +204,7 @@ def child_processor(args: argparse.Namespace, consumer: str = "batch") -> dict[s
 
 
 def child_common(args: argparse.Namespace) -> dict[str, Any]:
-    from processor.store import Repository, migrate, open_engine
+    from processor.storage import Repository, migrate, open_engine
 
     engine = open_engine(args.database_url, pool_size=20)
     migrate(engine)
@@ -234,7 +234,7 @@ def child_common(args: argparse.Namespace) -> dict[str, Any]:
 def child_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """Decode + upsert_many in the processor's batches, the same messages, no Pub/Sub."""
     from processor.config import ProcessorSettings
-    from processor.store import Repository, migrate, open_engine
+    from processor.storage import Repository, migrate, open_engine
 
     size = ProcessorSettings.model_fields["batch_size"].default
 
@@ -507,7 +507,7 @@ def _peak_rss_mb() -> float:
 
 
 def _reset_postgres(url: str) -> None:
-    from processor.store import open_engine
+    from processor.storage import open_engine
 
     engine = open_engine(url)
     with engine.begin() as connection:

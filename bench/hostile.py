@@ -49,7 +49,7 @@ from bench.soak import (
 )
 from emulator.testing import emulator_process, wait_until
 from processor.config import SetupSettings
-from processor.store import open_engine
+from processor.storage import open_engine
 
 MB = 1024 * 1024
 # Under Pub/Sub's 10,000,000 bytes with room for the dead-letter attributes a rejected copy

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from processor.schema import Observation, decode, encode
-from processor.store import Repository, migrate, open_engine
+from processor.storage import Repository, migrate, open_engine
 
 BATCH_SIZES = (1, 100, 500, 2000)
 RAW_INSERT = (

@@ -35,7 +35,7 @@ from emulator.testing import emulator_process, free_port, wait_until
 from processor.config import SetupSettings
 from processor.schema import Observation
 from processor.setup import ensure_resources
-from processor.store import Repository, open_engine
+from processor.storage import Repository, open_engine
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MB = 1024 * 1024

@@ -28,7 +28,7 @@ from processor.config import (
 from processor.consumer import Processor
 from processor.observability import HealthServer, Metrics, configure_logging, redact_url
 from processor.stopping import Stopped, stop_on_signals
-from processor.store import Repository, migrate, open_engine, unsuitable
+from processor.storage import Repository, migrate, open_engine, unsuitable
 
 _log = structlog.get_logger("processor")
 T = TypeVar("T")

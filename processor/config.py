@@ -14,7 +14,10 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.schema import DEFAULT_MAX_MESSAGE_BYTES
-from processor.store import DEFAULT_DATABASE_URL
+
+# The same as processor.storage.DEFAULT_DATABASE_URL (a test holds them equal): a literal, so
+# that commands which never open a database (scan, dlq, setup) do not import SQLAlchemy.
+DEFAULT_DATABASE_URL = "sqlite:///data/scan_results.db"
 
 
 class ConfigError(Exception):

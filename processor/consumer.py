@@ -24,7 +24,7 @@ from processor.delivery import Acknowledger, Held, Received
 from processor.observability import Metrics
 from processor.pull import StreamingPull
 from processor.schema import Rejection, decode
-from processor.store import Repository
+from processor.storage import Repository
 from processor.subscribe import ClientSubscriber
 from processor.writer import Writer
 

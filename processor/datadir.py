@@ -23,7 +23,7 @@ import structlog
 
 from processor.config import ArgumentParser, ConfigError, ProcessorSettings, add_arguments, load
 from processor.observability import configure_logging
-from processor.store import database_url
+from processor.storage import database_url
 
 _log = structlog.get_logger("processor.datadir")
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")

@@ -24,7 +24,7 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from processor.config import ArgumentParser, ConfigError, DatabaseSettings, add_arguments, load
-from processor.store import Service, database_url, open_engine
+from processor.storage import Service, database_url, open_engine
 
 SORT_KEYS = ("ip", "port", "service", "last_scanned", "first_seen")
 COLUMNS = ("ip", "port", "service", "last_scanned", "first_seen", "response")

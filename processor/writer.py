@@ -29,7 +29,7 @@ from processor.deadletter import DeadLetters
 from processor.delivery import Acknowledger, Held
 from processor.observability import Metrics, excerpt
 from processor.schema import Reason
-from processor.store import Repository, UpsertResult
+from processor.storage import Repository, UpsertResult
 
 _log = structlog.get_logger("processor.writer")
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from emulator.testing import (
 from processor.app import run, subscriber_client
 from processor.config import ProcessorSettings, SetupSettings
 from processor.setup import ensure_resources
-from processor.store import Repository, open_engine
+from processor.storage import Repository, open_engine
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from processor.schema import (
     Rejection,
     decode,
 )
-from processor.store import Repository, migrate, open_engine
+from processor.storage import Repository, migrate, open_engine
 from processor.tests.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
 from processor.tests.conftest import Pipeline, metric, scan
 from processor.tests.oracle import expected_rows, stored_rows

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from emulator.testing import free_port, wait_until
 from processor.config import SetupSettings
 from processor.setup import ensure_resources
-from processor.store import database_url
+from processor.storage import database_url
 from processor.tests.conftest import unique
 from processor.tests.oracle import expected_rows, stored_rows
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle

@@ -19,7 +19,8 @@ from processor.batcher import Batcher
 from processor.delivery import Held, Received
 from processor.observability import HealthServer, Metrics
 from processor.schema import Observation
-from processor.store import CANARY_IP, Repository, UpsertResult, migrate, open_engine
+from processor.storage import Repository, UpsertResult, migrate, open_engine
+from processor.storage.repository import CANARY_IP
 from processor.tests.chaos import ProxyCut, SqliteWriteLock, database_address, proxied_url
 from processor.tests.conftest import Pipeline, http_get, metric, scan
 from processor.tests.tcpproxy import tcp_proxy

@@ -8,7 +8,7 @@ import time
 
 from emulator.testing import free_port, wait_until
 from processor.schema import Observation
-from processor.store import migrate, open_engine
+from processor.storage import migrate, open_engine
 from processor.tests.conftest import http_get, metric, scan
 from processor.tests.oracle import expected_rows, stored_rows
 from processor.tests.tcpproxy import tcp_proxy

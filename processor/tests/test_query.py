@@ -12,7 +12,7 @@ import pytest
 
 from processor.query import services_main, stats_main
 from processor.schema import Observation
-from processor.store import Repository, open_engine
+from processor.storage import Repository, open_engine
 
 NOW = int(time.time())
 SEED = [

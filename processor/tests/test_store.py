@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.schema import Observation
-from processor.store import Repository, UpsertResult, merge, migrate, open_engine
+from processor.storage import Repository, UpsertResult, migrate, open_engine
+from processor.storage.repository import merge
 from processor.tests.oracle import expected_rows, stored_rows
 
 KEYS = [("1.1.1.1", 80, "HTTP"), ("1.1.1.1", 22, "SSH"), ("2001:db8::1", 53, "DNS")]
@@ -141,7 +142,7 @@ def _run_in_processes(target, args_list) -> None:
     # forkserver: children start fast (the store is imported once, in the server) and are not
     # forked from this process, which may hold gRPC threads.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["processor.store", "processor.tests.test_store"])
+    context.set_forkserver_preload(["processor.storage", "processor.tests.test_store"])
     processes = [context.Process(target=target, args=args) for args in args_list]
     for process in processes:
         process.start()
@@ -187,3 +188,9 @@ def test_five_processes_migrating_a_fresh_database_at_once_all_succeed(any_datab
     assert versions == [("0001",)]
     assert len(Repository(engine).rows()) == 1
     engine.dispose()
+
+
+def test_the_settings_default_database_is_the_stores_own() -> None:
+    from processor import config, storage
+
+    assert config.DEFAULT_DATABASE_URL == storage.DEFAULT_DATABASE_URL
