@@ -157,9 +157,9 @@ def _settings(args: argparse.Namespace, consumer: str) -> Any:
 
 
 def child_batch_ack_only(args: argparse.Namespace) -> dict[str, Any]:
-    from processor.app import subscriber_client
-    from processor.observability import Metrics
-    from processor.pull import StreamingPull
+    from processor.pipeline.streaming_pull import StreamingPull
+    from processor.runtime.metrics import Metrics
+    from processor.runtime.pubsub import subscriber_client
 
     lags: list[float] = []
     done = threading.Event()
@@ -184,8 +184,9 @@ def child_batch_ack_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_processor(args: argparse.Namespace, consumer: str = "batch") -> dict[str, Any]:
-    from processor.app import bootstrap
-    from processor.observability import Metrics, configure_logging
+    from processor.commands.process import bootstrap
+    from processor.runtime.logs import configure_logging
+    from processor.runtime.metrics import Metrics
 
     configure_logging("WARNING", "json")
     settings = _settings(args, consumer)
@@ -296,8 +297,9 @@ def run_child(
 
 def child_fleet_member(args: argparse.Namespace) -> dict[str, Any]:
     """A processor that runs until SIGTERM, writing how many messages it acked to a file."""
-    from processor.app import bootstrap
-    from processor.observability import Metrics, configure_logging
+    from processor.commands.process import bootstrap
+    from processor.runtime.logs import configure_logging
+    from processor.runtime.metrics import Metrics
     from processor.stopping import stop_on_signals
 
     configure_logging("WARNING", "json")
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        from processor.app import tune_runtime
+        from processor.commands.process import tune_runtime
 
         tune_runtime()  # every row runs as `process` does, so the ratios compare consumers only
         result = CHILDREN[args.child](args)

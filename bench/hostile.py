@@ -160,8 +160,8 @@ FLOORS = {"client floor: ack only": "ack", "client floor: publish a copy, then a
 
 def floor_child(args: argparse.Namespace) -> dict[str, object]:
     """In this (fresh) process: the client alone takes `--count` messages; its peak RSS."""
-    from processor.app import subscriber_client
     from processor.config import ProcessorSettings
+    from processor.runtime.pubsub import subscriber_client
 
     settings = ProcessorSettings()
     publisher = pubsub_v1.PublisherClient()

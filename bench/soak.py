@@ -32,9 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from emulator.testing import emulator_process, free_port, wait_until
+from processor.commands.setup import ensure_resources
 from processor.config import SetupSettings
 from processor.schema import Observation
-from processor.setup import ensure_resources
 from processor.storage import Repository, open_engine
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -9,16 +9,23 @@ from processor.stopping import exit_on_signals
 
 # name: ("module:function", summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("processor.up:main", "run everything locally: emulator, setup, scanner, processors"),
-    "setup": ("processor.setup:main", "create the topics and subscriptions (idempotent)"),
-    "process": ("processor.app:main", "consume the subscription into the database"),
+    "up": (
+        "processor.commands.up:main",
+        "run everything locally: emulator, setup, scanner, processors",
+    ),
+    "setup": ("processor.commands.setup:main", "create the topics and subscriptions (idempotent)"),
+    "process": ("processor.commands.process:main", "consume the subscription into the database"),
     "scan": ("scanner.cli:main", "publish scan results (the mock scanner)"),
     "emulator": ("emulator.cli:main", "serve the project's Pub/Sub emulator"),
-    "services": ("processor.query:services_main", "query the stored services"),
-    "stats": ("processor.query:stats_main", "counts per service, newest scan, rows"),
-    "dlq": ("processor.dlq:main", "inspect and replay dead letters"),
-    "migrate": ("processor.app:migrate_main", "bring the database schema up to date"),
-    "healthcheck": ("processor.healthcheck:main", "exit 0 if this container's role is healthy"),
+    "services": ("processor.commands.query:services_main", "query the stored services"),
+    "stats": ("processor.commands.query:stats_main", "counts per service, newest scan, rows"),
+    "dlq": ("processor.commands.dlq:main", "inspect and replay dead letters"),
+    "migrate": ("processor.commands.migrate:main", "bring the database schema up to date"),
+    "healthcheck": (
+        "processor.commands.healthcheck:main",
+        "exit 0 if this container's role is healthy",
+    ),
+    "datadir": ("processor.commands.datadir:main", "make the SQLite data directory writable"),
 }
 
 NO_CREDENTIALS = (

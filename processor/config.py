@@ -13,15 +13,12 @@ from typing import Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from processor.errors import ConfigError
 from processor.schema import DEFAULT_MAX_MESSAGE_BYTES
 
 # The same as processor.storage.DEFAULT_DATABASE_URL (a test holds them equal): a literal, so
 # that commands which never open a database (scan, dlq, setup) do not import SQLAlchemy.
 DEFAULT_DATABASE_URL = "sqlite:///data/scan_results.db"
-
-
-class ConfigError(Exception):
-    """Invalid configuration: the message is one line, fit for the terminal."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -15,7 +15,8 @@ from typing import IO
 import structlog
 from google.cloud import pubsub_v1
 
-from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
+from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
+from processor.errors import ConfigError
 from processor.stopping import Stopped, stop_on_signals
 from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
 from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic

@@ -22,6 +22,7 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher.client import PublisherClient as GapicPublisherClient
 from google.pubsub_v1.types import PublishRequest, PublishResponse, PubsubMessage
 
+from processor.errors import MiniScanError, first_line
 from processor.stopping import Stopped
 from scanner.generator import ScanMessage
 
@@ -33,11 +34,11 @@ _PUBLISH_TIMEOUT_S = 60.0
 Confirmed = Callable[[Sequence[ScanMessage], Sequence[str]], None]
 
 
-class TopicMissing(Exception):
+class TopicMissing(MiniScanError):
     """The topic to publish to does not exist."""
 
 
-class PubSubUnreachable(Exception):
+class PubSubUnreachable(MiniScanError):
     """Pub/Sub did not answer: the one-line reason is the message."""
 
 
@@ -67,7 +68,7 @@ def check_topic(
     except api_exceptions.NotFound:
         raise TopicMissing(f"topic {topic} does not exist: run `mini-scan setup` first") from None
     except (api_exceptions.GoogleAPICallError, api_exceptions.RetryError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         raise PubSubUnreachable(f"cannot reach Pub/Sub for {topic}: {message}") from None
 
 
@@ -156,7 +157,7 @@ class BatchPublisher:
             if error is None:
                 self._on_confirmed(batch, done.result())
                 return
-            reason = str(error).splitlines()[0] if str(error) else repr(error)
+            reason = first_line(error)
             with self._failures:
                 self.failed += len(batch)
                 self.first_error = self.first_error or reason

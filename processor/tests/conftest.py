@@ -26,9 +26,10 @@ from emulator.testing import (
     official_emulator,
     wait_until,
 )
-from processor.app import run, subscriber_client
+from processor.commands.process import run
+from processor.commands.setup import ensure_resources
 from processor.config import ProcessorSettings, SetupSettings
-from processor.setup import ensure_resources
+from processor.runtime.pubsub import subscriber_client
 from processor.storage import Repository, open_engine
 
 

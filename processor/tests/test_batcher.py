@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from processor.batcher import Batcher
-from processor.delivery import Held, Received
+from processor.pipeline.batcher import Batcher
+from processor.pipeline.messages import Held, Received
 from processor.schema import Observation
 
 

@@ -21,6 +21,7 @@ BAD_FLAGS = {
     "dlq": ["list", "--samples", "x"],
     "migrate": ["--no-such-flag"],
     "healthcheck": ["--pid", "x"],
+    "datadir": ["--streams", "x"],
 }
 
 

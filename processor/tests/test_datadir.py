@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.datadir import open_up, sqlite_path
+from processor.commands.datadir import open_up, sqlite_path
 
 OTHER_UID = 4242
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from google.pubsub_v1 import types as pubsub_types
 
 from emulator.testing import free_port, wait_until
-from processor.deadletter import MAX_ATTRIBUTES, MAX_REQUEST_BYTES, fit
+from processor.pipeline.deadletter import MAX_ATTRIBUTES, MAX_REQUEST_BYTES, fit
 from processor.tests.conftest import Pipeline, metric
 
 TOPIC = "projects/test-project/topics/scan-dlq"

@@ -32,7 +32,8 @@ from pydantic_settings import BaseSettings
 
 from processor.cli import COMMANDS
 from processor.config import DatabaseSettings, ProcessorSettings, PubSubSettings, SetupSettings
-from processor.observability import HealthServer, Metrics
+from processor.runtime.health import HealthServer
+from processor.runtime.metrics import Metrics
 from processor.tests.conftest import http_get
 
 ROOT = Path(__file__).parents[2]

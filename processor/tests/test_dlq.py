@@ -11,7 +11,7 @@ import sys
 from google.cloud import pubsub_v1
 
 from emulator.testing import wait_until
-from processor.dlq import main
+from processor.commands.dlq import main
 
 
 def seed_dead_letters(pipeline, letters: list[tuple[bytes, str]]) -> None:

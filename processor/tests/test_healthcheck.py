@@ -11,10 +11,11 @@ import pytest
 from emulator import Emulator
 from emulator.cli import _parse as emulator_arguments
 from emulator.testing import free_port
-from processor import healthcheck
+from processor.commands import healthcheck
+from processor.commands.healthcheck import check, main, role_of
 from processor.config import ProcessorSettings
-from processor.healthcheck import check, main, role_of
-from processor.observability import HealthServer, Metrics
+from processor.runtime.health import HealthServer
+from processor.runtime.metrics import Metrics
 
 MINI_SCAN = "/app/.venv/bin/mini-scan"
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from emulator.testing import free_port, wait_until
+from processor.pipeline.writer import is_refused_value
 from processor.schema import (
     MAX_JSON_TOKENS,
     MAX_SERVICE_LENGTH,
@@ -32,7 +33,6 @@ from processor.storage import Repository, migrate, open_engine
 from processor.tests.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
 from processor.tests.conftest import Pipeline, metric, scan
 from processor.tests.oracle import expected_rows, stored_rows
-from processor.writer import is_refused_value
 
 NOW = int(time.time())
 DECODER_REASONS = {str(reason) for reason in Reason} - {STORAGE_REJECTED}

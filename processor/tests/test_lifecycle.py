@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from emulator.testing import free_port, wait_until
+from processor.commands.setup import ensure_resources
 from processor.config import SetupSettings
-from processor.setup import ensure_resources
 from processor.storage import database_url
 from processor.tests.conftest import unique
 from processor.tests.oracle import expected_rows, stored_rows

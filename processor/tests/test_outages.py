@@ -15,9 +15,11 @@ import structlog
 
 from emulator import Emulator
 from emulator.testing import free_port, wait_until
-from processor.batcher import Batcher
-from processor.delivery import Held, Received
-from processor.observability import HealthServer, Metrics
+from processor.pipeline.batcher import Batcher
+from processor.pipeline.messages import Held, Received
+from processor.pipeline.writer import Writer
+from processor.runtime.health import HealthServer
+from processor.runtime.metrics import Metrics
 from processor.schema import Observation
 from processor.storage import Repository, UpsertResult, migrate, open_engine
 from processor.storage.repository import CANARY_IP
@@ -25,7 +27,6 @@ from processor.tests.chaos import ProxyCut, SqliteWriteLock, database_address, p
 from processor.tests.conftest import Pipeline, http_get, metric, scan
 from processor.tests.tcpproxy import tcp_proxy
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle
-from processor.writer import Writer
 
 DATABASE_TIMEOUT = 2  # seconds, in the stall tests
 # README: a call left unanswered is reported DATABASE_TIMEOUT + 1 s after it began (the watchdog

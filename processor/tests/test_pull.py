@@ -18,9 +18,9 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator import Emulator
 from emulator.testing import free_port, wait_until
-from processor.delivery import Received
-from processor.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
-from processor.observability import Metrics
+from processor.pipeline.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
+from processor.pipeline.messages import Received
+from processor.runtime.metrics import Metrics
 from processor.tests.chaos import SqliteWriteLock
 from processor.tests.conftest import Pipeline, http_get, metric, unique
 from processor.tests.test_processor import observations, publish_observations, reaches_oracle

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from processor.query import services_main, stats_main
+from processor.commands.query import services_main, stats_main
 from processor.schema import Observation
 from processor.storage import Repository, open_engine
 

@@ -24,9 +24,11 @@ from google.cloud import pubsub_v1
 from rich.console import Console
 from rich.table import Table
 
-from processor.app import subscriber_client
-from processor.config import ArgumentParser, ConfigError, PubSubSettings, add_arguments, load
-from processor.observability import excerpt
+from processor.commands import run_command
+from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
+from processor.errors import PubSubError, first_line
+from processor.runtime.logs import excerpt
+from processor.runtime.pubsub import subscriber_client
 from processor.stopping import Stopped, stop_on_signals
 
 # Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
@@ -168,12 +170,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = load(PubSubSettings, args)
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(parser, lambda args: _dlq(parser.prog, args), argv)
+
+
+def _dlq(prog: str, args: argparse.Namespace) -> int:
+    settings = load(PubSubSettings, args)
     settings.apply_emulator_host()
     subscriber = subscriber_client()  # dead letters can be as large as any message: 10 MB
     subscription = settings.dead_letter_subscription_path
@@ -185,11 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Not done: hand every lease back now (acked ones are ignored) instead of in 10 minutes.
         with contextlib.suppress(google_exceptions.GoogleAPIError):
             hand_back(subscriber, subscription, [m.ack_id for m in leased])
-        print(f"{parser.prog}: {exc}; the rest stays on {subscription}", file=sys.stderr)
+        print(f"{prog}: {exc}; the rest stays on {subscription}", file=sys.stderr)
         return stop.exit_code()
     except google_exceptions.GoogleAPIError as exc:
-        print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        raise PubSubError(first_line(exc)) from exc
     finally:
         subscriber.close()
 
@@ -210,7 +210,7 @@ def _run(
     received = read_dead_letters(subscriber, subscription, args.limit, leased, stop)
     reason = {m.ack_id: m.message.attributes.get("reason") for m in received}
     chosen = {ack_id for ack_id, why in reason.items() if args.reason in (None, why)}
-    # A copy cut to fit (see processor/deadletter.py) no longer holds the original message.
+    # A copy cut to fit (see processor/pipeline/deadletter.py) no longer holds the original message.
     truncated = {m.ack_id for m in received if m.message.attributes.get("truncated") == "true"}
     truncated &= chosen
     replayed, failed = replay(

@@ -11,47 +11,26 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable
 
 import structlog
 from google.cloud import pubsub_v1
 
-from processor.batcher import Batcher
 from processor.config import ProcessorSettings
-from processor.deadletter import DeadLetters
-from processor.delivery import Acknowledger, Held, Received
-from processor.observability import Metrics
-from processor.pull import StreamingPull
+from processor.pipeline.batcher import Batcher
+from processor.pipeline.client_subscriber import ClientSubscriber
+from processor.pipeline.deadletter import DeadLetters
+from processor.pipeline.messages import Held, Received
+from processor.pipeline.source import Source
+from processor.pipeline.streaming_pull import StreamingPull
+from processor.pipeline.writer import Writer
+from processor.runtime.metrics import Metrics
 from processor.schema import Rejection, decode
 from processor.storage import Repository
-from processor.subscribe import ClientSubscriber
-from processor.writer import Writer
 
-_log = structlog.get_logger("processor.consumer")
+_log = structlog.get_logger("processor.pipeline.processor")
 
 LARGE_MESSAGE_BYTES = 64 * 1024  # below this, a decoded message's size is not worth weighing
-
-
-class Source(Acknowledger, Protocol):
-    """Where deliveries come from; it also settles them (ack, nack)."""
-
-    failed: threading.Event  # set when a stream ended for good (not by close())
-
-    def start(self) -> None: ...
-
-    def streams_open(self) -> bool: ...
-
-    def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
-        """Count, beside each held message's data, the bytes its decoded form takes."""
-
-    def pause(self) -> None:
-        """Close the streams but keep the leases of what is held."""
-
-    def resume(self) -> None:
-        """Open the streams again after `pause()`."""
-
-    def close(self, timeout: float) -> None: ...
 
 
 class Processor:

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from processor.delivery import Held
+from processor.pipeline.messages import Held
 
 
 class Batcher:

@@ -21,11 +21,13 @@ import structlog
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as pubsub_types
 
-from processor.delivery import Acknowledger, Received
-from processor.observability import Metrics, excerpt
+from processor.pipeline.messages import Received
+from processor.pipeline.source import Acknowledger
+from processor.runtime.logs import excerpt
+from processor.runtime.metrics import Metrics
 from processor.schema import Reason
 
-_log = structlog.get_logger("processor.deadletter")
+_log = structlog.get_logger("processor.pipeline.deadletter")
 
 # Pub/Sub's limits (https://cloud.google.com/pubsub/quotas#resource_limits).
 MAX_ATTRIBUTE_BYTES = 1024  # an attribute value

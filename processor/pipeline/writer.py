@@ -24,14 +24,17 @@ import sqlalchemy as sa
 import structlog
 import tenacity
 
-from processor.batcher import Batcher
-from processor.deadletter import DeadLetters
-from processor.delivery import Acknowledger, Held
-from processor.observability import Metrics, excerpt
+from processor.errors import first_line
+from processor.pipeline.batcher import Batcher
+from processor.pipeline.deadletter import DeadLetters
+from processor.pipeline.messages import Held
+from processor.pipeline.source import Acknowledger
+from processor.runtime.logs import excerpt
+from processor.runtime.metrics import Metrics
 from processor.schema import Reason
 from processor.storage import Repository, UpsertResult
 
-_log = structlog.get_logger("processor.writer")
+_log = structlog.get_logger("processor.pipeline.writer")
 T = TypeVar("T")
 
 # Refusals of most of a batch's rows are the table's fault, not the rows', from this many
@@ -294,7 +297,7 @@ class Writer:
                 "storage_refused", cause="table", why=error.why, error=excerpt(error.error), **retry
             )
             return
-        text = str(error).splitlines()[0] if error else ""
+        text = first_line(error) if error else ""
         _log.warning("database_unavailable", error=excerpt(text), **retry)
 
     def _watch(self) -> None:
@@ -337,4 +340,4 @@ def _keys(batch: Iterable[Held]) -> set[tuple[str, int, str]]:
 
 def _describe(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
-    return f"{type(original).__name__}: {str(original).splitlines()[0] if str(original) else ''}"
+    return f"{type(original).__name__}: {first_line(original) if str(original).strip() else ''}"

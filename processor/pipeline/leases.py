@@ -18,10 +18,12 @@ from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as pubsub_types
 
-from processor.delivery import Received
-from processor.observability import Metrics, excerpt
+from processor.errors import first_line
+from processor.pipeline.messages import Received
+from processor.runtime.logs import excerpt
+from processor.runtime.metrics import Metrics
 
-_log = structlog.get_logger("processor.leases")
+_log = structlog.get_logger("processor.pipeline.leases")
 
 MAX_IDS_PER_REQUEST = 2500  # Pub/Sub: ack ids in one Acknowledge or ModifyAckDeadline request
 MAX_REQUEST_BYTES = 512 * 1024  # Pub/Sub: bytes in one such request
@@ -169,7 +171,7 @@ class Leases:
                     "lease_request_failed",
                     request=kind,
                     messages=len(chunk),
-                    error=excerpt(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+                    error=excerpt(first_line(exc)),
                 )
 
 

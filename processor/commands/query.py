@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
 
-from processor.config import ArgumentParser, ConfigError, DatabaseSettings, add_arguments, load
+from processor.commands import run_command
+from processor.config import ArgumentParser, DatabaseSettings, add_arguments, load
+from processor.errors import ConfigError, QueryError, first_line
 from processor.storage import Service, database_url, open_engine
 
 SORT_KEYS = ("ip", "port", "service", "last_scanned", "first_seen")
@@ -32,10 +34,6 @@ _RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _STREAM_ROWS = 1000  # rows fetched per round trip while a CIDR filter discards some
 _table = Service.__table__
-
-
-class QueryError(Exception):
-    """The database cannot answer (missing file or table, unreachable): one line for the user."""
 
 
 # --- flag values -------------------------------------------------------------------------------
@@ -216,8 +214,8 @@ class _reading:
 
 
 def _first_line(error: BaseException) -> str:
-    original = getattr(error, "orig", None) or error
-    return (str(original).strip().splitlines() or [type(original).__name__])[0]
+    """The driver's own message where SQLAlchemy wraps one."""
+    return first_line(getattr(error, "orig", None) or error)
 
 
 def _as_utc(value: dt.datetime | str | None) -> dt.datetime | None:
@@ -290,23 +288,22 @@ def _services_parser() -> argparse.ArgumentParser:
 
 def services_main(argv: Sequence[str] | None = None) -> int:
     """`mini-scan services`: 0 with the rows on stdout; 1 if the database cannot answer."""
-    parser = _services_parser()
-    args = parser.parse_args(_glue_descending_sort(sys.argv[1:] if argv is None else argv))
+    argv = _glue_descending_sort(sys.argv[1:] if argv is None else argv)
+    return run_command(_services_parser(), lambda args: _with_database(args, _services), argv)
 
-    def run(engine: Engine) -> None:
-        network = None if args.ip is None or isinstance(args.ip, str) else args.ip
-        query = select_services(
-            ip=args.ip, port=args.port, service=args.service, since=args.since, sort=args.sort
-        )
-        rows = fetch_services(engine, query, network, args.limit)
-        if args.json:
-            write_json_lines(rows, sys.stdout)
-        elif args.csv:
-            write_csv(rows, sys.stdout)
-        else:
-            write_table(rows, Console())
 
-    return _with_database(parser, args, run)
+def _services(engine: Engine, args: argparse.Namespace) -> None:
+    network = None if args.ip is None or isinstance(args.ip, str) else args.ip
+    query = select_services(
+        ip=args.ip, port=args.port, service=args.service, since=args.since, sort=args.sort
+    )
+    rows = fetch_services(engine, query, network, args.limit)
+    if args.json:
+        write_json_lines(rows, sys.stdout)
+    elif args.csv:
+        write_csv(rows, sys.stdout)
+    else:
+        write_table(rows, Console())
 
 
 def stats_main(argv: Sequence[str] | None = None) -> int:
@@ -314,23 +311,22 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="mini-scan stats", description="Counts of the stored services.")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     add_arguments(parser, DatabaseSettings)
-    args = parser.parse_args(argv)
+    return run_command(parser, lambda args: _with_database(args, _stats), argv)
 
-    def run(engine: Engine) -> None:
-        stats = service_stats(engine)
-        if args.json:
-            print(json.dumps({k: _plain(v) for k, v in stats.items()}))
-            return
-        table = Table("figure", "value", title="services")
-        for name, value in stats.items():
-            if name == "per_service":
-                for service, count in value.items():
-                    table.add_row(f"rows {service}", str(count))
-            else:
-                table.add_row(name.replace("_", " "), "-" if value is None else _human(value))
-        Console().print(table)
 
-    return _with_database(parser, args, run)
+def _stats(engine: Engine, args: argparse.Namespace) -> None:
+    stats = service_stats(engine)
+    if args.json:
+        print(json.dumps({k: _plain(v) for k, v in stats.items()}))
+        return
+    table = Table("figure", "value", title="services")
+    for name, value in stats.items():
+        if name == "per_service":
+            for service, count in value.items():
+                table.add_row(f"rows {service}", str(count))
+        else:
+            table.add_row(name.replace("_", " "), "-" if value is None else _human(value))
+    Console().print(table)
 
 
 def _glue_descending_sort(argv: Sequence[str]) -> list[str]:
@@ -345,23 +341,15 @@ def _glue_descending_sort(argv: Sequence[str]) -> list[str]:
 
 
 def _with_database(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, run: Callable[[Engine], None]
+    args: argparse.Namespace, run: Callable[[Engine, argparse.Namespace], None]
 ) -> int:
-    try:
-        settings = load(DatabaseSettings, args)
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    settings = load(DatabaseSettings, args)
     try:
         engine = read_engine(settings.database_url)
-    except (QueryError, sa.exc.ArgumentError) as exc:
-        print(f"{parser.prog}: error: {_first_line(exc)}", file=sys.stderr)
-        return 1 if isinstance(exc, QueryError) else 2
+    except sa.exc.ArgumentError as exc:  # a URL SQLAlchemy cannot parse: a setting's error
+        raise ConfigError(_first_line(exc)) from None
     try:
-        run(engine)
-    except QueryError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
+        run(engine, args)
     finally:
         engine.dispose()
     return 0

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,20 +28,19 @@ from rich.live import Live
 from rich.table import Table
 
 from emulator import Emulator
-from emulator.testing import free_port
-from processor.app import StartupError
+from processor.commands import run_command
+from processor.commands.query import read_engine
+from processor.commands.setup import ensure_resources
 from processor.config import (
     ArgumentParser,
-    ConfigError,
     DatabaseSettings,
     PubSubSettings,
     SetupSettings,
     add_arguments,
     load,
 )
-from processor.observability import redact_url
-from processor.query import QueryError, read_engine
-from processor.setup import ensure_resources
+from processor.errors import ConfigError, QueryError, StartupError, first_line
+from processor.runtime.logs import redact_url
 from processor.stopping import Stopped, stop_on_signals
 
 _CHILD_GRACE = 15.0  # a processor's own grace is 10 s
@@ -77,15 +77,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = load(UpSettings, args)
-        if args.processors < 1 or args.rate < 0:
-            raise ConfigError("--processors must be at least 1 and --rate not negative")
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_parser(), _up, argv)
+
+
+def _up(args: argparse.Namespace) -> int:
+    settings = load(UpSettings, args)
+    if args.processors < 1 or args.rate < 0:
+        raise ConfigError("--processors must be at least 1 and --rate not negative")
     console = Console()
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop_on_signals())
@@ -106,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         except Stopped as exc:  # a stop is this command's normal end, before start-up too
             console.print(str(exc))
             return 0
-        except (StartupError, OSError) as exc:
-            print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 1
+        except OSError as exc:  # a child that cannot be started
+            raise StartupError(first_line(exc)) from exc
         started = time.monotonic()
         with Live(console=console, refresh_per_second=4, transient=False) as live:
             view = _View(settings, host, children, args.logs)
@@ -139,7 +136,7 @@ def _spawn_all(
     `Stopped` if a stop comes first (the caller stops those already running)."""
     args.logs.mkdir(parents=True, exist_ok=True)
     plan = [("scanner", ["scanner", "--rate", str(args.rate), "--progress-every", "1"], None)]
-    plan += [(f"processor-{i + 1}", ["processor"], free_port()) for i in range(args.processors)]
+    plan += [(f"processor-{i + 1}", ["processor"], _free_port()) for i in range(args.processors)]
     for name, module, metrics_port in plan:
         if stop.is_set():
             raise Stopped(f"stopped before {name} was started")
@@ -282,3 +279,10 @@ def _scanner_confirmed(log: Path) -> int:
             if line.startswith("{") and "confirmed" in line:
                 return int(json.loads(line)["confirmed"])
     return 0
+
+
+def _free_port() -> int:
+    """A port free now on the loopback interface, for a processor's metrics server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

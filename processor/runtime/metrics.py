@@ -1,17 +1,12 @@
-"""Logs (structlog), Prometheus metrics, and the /metrics, /healthz, /readyz endpoints."""
+"""The processor's Prometheus metrics, and a histogram fed a whole batch at a time."""
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import logging
-import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Iterator, Sequence
 
-import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,49 +15,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
-from sqlalchemy.engine import make_url
-
-MAX_LOGGED_CHARS = 200  # payload excerpts and error texts in logs are cut to this
-
-
-def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
-    """JSON lines for machines, or a console renderer on a terminal; one line per event."""
-    if log_format is None:
-        log_format = "console" if sys.stdout.isatty() else "json"
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer()
-        if log_format == "console"
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=False,
-    )
-
-
-def redact_url(url: str) -> str:
-    """A database URL fit for logs: the password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # an unparseable URL may hold a secret anywhere: show nothing of it
-        return "<unparseable database URL>"
-
-
-def excerpt(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
-    """At most `limit` characters of a payload or error, marked when cut."""
-    if isinstance(text, bytes):
-        text = text[: limit * 4].decode("utf-8", "replace")
-    return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
 
 
 class BatchHistogram:
@@ -169,64 +122,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class HealthServer:
-    """`/metrics`, `/healthz` (the process is alive and not stuck: `is_alive`) and `/readyz`
-    (it can do its work: `is_ready`)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        metrics: Metrics,
-        is_ready: Callable[[], bool],
-        is_alive: Callable[[], bool] = lambda: True,
-    ):
-        self._metrics, self._is_ready, self._is_alive = metrics, is_ready, is_alive
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="health-server", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    self._reply(200, owner._metrics.render(), CONTENT_TYPE_LATEST)
-                elif self.path == "/healthz":
-                    alive = owner._is_alive()
-                    self._reply(200 if alive else 503, b"ok\n" if alive else b"stuck\n")
-                elif self.path == "/readyz":
-                    ready = owner._is_ready()
-                    self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
-                else:
-                    self._reply(404, b"not found\n")
-
-            def _reply(self, status: int, body: bytes, kind: str = "text/plain") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # scrapes every few seconds are not events worth a log line
-
-        return Handler

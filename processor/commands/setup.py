@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 
@@ -10,12 +11,14 @@ from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
 from google.protobuf import duration_pb2
 
-from processor.app import StartupError, wait_for
-from processor.config import ArgumentParser, ConfigError, SetupSettings, add_arguments, load
-from processor.observability import configure_logging
+from processor.commands import run_command
+from processor.config import ArgumentParser, SetupSettings, add_arguments, load
+from processor.errors import PubSubError, first_line
+from processor.runtime.dependencies import wait_for
+from processor.runtime.logs import configure_logging
 from processor.stopping import Stopped, stop_on_signals
 
-_log = structlog.get_logger("processor.setup")
+_log = structlog.get_logger("processor.commands.setup")
 
 
 def ensure_resources(settings: SetupSettings, stop: threading.Event | None = None) -> list[str]:
@@ -88,19 +91,18 @@ def _seconds(value: float) -> duration_pb2.Duration:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     add_arguments(parser, SetupSettings)
-    try:
-        settings = load(SetupSettings, parser.parse_args(argv))
-    except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(parser, _setup, argv)
+
+
+def _setup(args: argparse.Namespace) -> int:
+    settings = load(SetupSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     try:
         with stop_on_signals() as stop:
             ensure_resources(settings, stop)
     except Stopped as exc:  # not done: a script or compose must not go on as if it were
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        print(f"mini-scan setup: {exc}", file=sys.stderr)
         return stop.exit_code()
-    except (StartupError, google_exceptions.GoogleAPIError) as exc:
-        print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+    except google_exceptions.GoogleAPIError as exc:
+        raise PubSubError(first_line(exc)) from exc
     return 0

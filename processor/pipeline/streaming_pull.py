@@ -6,7 +6,7 @@ Per response, the only per-message work is reading each message's fields; decodi
 acking and leases happen on lists. What the high-level client does for a consumer is done here
 too: a stable client id and reconnection with exponential backoff when the service ends a stream
 (it does so routinely), server-side flow control on every stream plus local back-pressure,
-lease extension, keepalives, and acks split at Pub/Sub's limits (`processor/leases.py`).
+lease extension, keepalives, and acks split at Pub/Sub's limits (`leases.py`, `dispatcher.py`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from google.api_core.retry import exponential_sleep_generator
 from google.cloud import pubsub_v1
 
 from processor.config import ProcessorSettings
-from processor.delivery import Received
-from processor.leases import Leases
-from processor.observability import Metrics, excerpt
+from processor.errors import first_line
+from processor.pipeline.leases import Leases
+from processor.pipeline.messages import Received
+from processor.runtime.logs import excerpt
+from processor.runtime.metrics import Metrics
 
-_log = structlog.get_logger("processor.pull")
+_log = structlog.get_logger("processor.pipeline.streaming_pull")
 
 # The statuses on which the client library reopens a stream; anything else ends it for good.
 RETRYABLE = (
@@ -114,7 +116,7 @@ class StreamingPull:
             stream.keepalive()
 
     def _on_failure(self, error: BaseException) -> None:
-        _log.error("stream_ended", error=excerpt(str(error).splitlines()[0] if str(error) else ""))
+        _log.error("stream_ended", error=excerpt(first_line(error)))
         self.failed.set()
 
 
@@ -194,7 +196,7 @@ class _Stream:
             _log.warning(
                 "stream_reconnecting",
                 retry_in_s=round(delay, 2),
-                error=excerpt(str(error).splitlines()[0] if str(error) else type(error).__name__),
+                error=excerpt(first_line(error)),
             )
             self._stop.wait(delay)
 

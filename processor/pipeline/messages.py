@@ -1,5 +1,5 @@
-"""What a consumer hands to the shared path: `Received` messages, and the `Acknowledger` that
-settles them once the writer or the dead letters have decided.
+"""The records a message travels in: `Received` as delivered, `Held` once decoded and waiting
+for its commit.
 
 Both consumers (the batch-native one and the client's `subscribe()`) produce the same records,
 so decoding, batching, committing and dead-lettering are written once.
@@ -7,8 +7,8 @@ so decoding, batching, committing and dead-lettering are written once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from processor.schema import Observation
 
@@ -29,12 +29,3 @@ class Held(NamedTuple):
 
     received: Received
     observation: Observation
-
-
-class Acknowledger(Protocol):
-    """Ends messages' leases: `ack` once they are committed or dead-lettered, `nack` to hand
-    them back to Pub/Sub for redelivery (to this or another processor)."""
-
-    def ack(self, messages: Sequence[Received]) -> None: ...
-
-    def nack(self, messages: Sequence[Received]) -> None: ...

@@ -18,9 +18,10 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from processor.config import ProcessorSettings
-from processor.delivery import Received
+from processor.errors import first_line
+from processor.pipeline.messages import Received
 
-_log = structlog.get_logger("processor.subscribe")
+_log = structlog.get_logger("processor.pipeline.client_subscriber")
 
 
 class ClientSubscriber:
@@ -111,5 +112,5 @@ class ClientSubscriber:
         if self._closing:
             return  # we closed it
         error = future.exception()
-        _log.error("stream_ended", error=str(error).splitlines()[0] if error else "no error")
+        _log.error("stream_ended", error=first_line(error) if error else "no error")
         self.failed.set()
