@@ -188,7 +188,7 @@ def start_scanner(args: argparse.Namespace, names: dict[str, str], log: Path) ->
 
 def oracle_check(log: Path, url: str) -> tuple[bool, int, int]:
     """(table equals the merge rule over every confirmed valid scan, expected rows, stored)."""
-    from processor.tests.oracle import expected_rows, stored_rows
+    from processor.tests.helpers.oracle import expected_rows, stored_rows
 
     observations = []
     with log.open() as lines:

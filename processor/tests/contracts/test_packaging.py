@@ -25,8 +25,8 @@ from ruamel.yaml import YAML
 
 from processor import config
 from processor.cli import COMMANDS
+from processor.tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -18,8 +18,8 @@ from google.cloud import pubsub_v1
 from emulator.testing import wait_until
 from processor.schema import Observation, Reason
 from processor.storage import Repository, open_engine
-from processor.tests.oracle import Row, expected_rows, stored_rows
-from processor.tests.tcpproxy import TcpProxy
+from processor.tests.helpers.oracle import Row, expected_rows, stored_rows
+from processor.tests.helpers.tcpproxy import TcpProxy
 from scanner.generator import Kind, Mix, ScanGenerator, ScanMessage
 
 # --- the workload ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from emulator import Emulator
 from emulator.faults import Faults
 from emulator.testing import free_port, wait_until
-from processor.tests.chaos import (
+from processor.tests.helpers.chaos import (
     SqliteWriteLock,
     Workload,
     covers,
@@ -24,9 +24,9 @@ from processor.tests.chaos import (
     scan_workload,
     unexpected_letters,
 )
-from processor.tests.conftest import Pipeline, ProcessorProcess, metric
-from processor.tests.oracle import expected_rows
-from processor.tests.tcpproxy import tcp_proxy
+from processor.tests.helpers.oracle import expected_rows
+from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess, metric
+from processor.tests.helpers.tcpproxy import tcp_proxy
 
 # Redelivery after a lost ack waits for the lease to run out (10-60 s, set by the client).
 CONVERGE_TIMEOUT = 90

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from processor.schema import Observation
 from processor.storage import Repository, UpsertResult, migrate, open_engine
 from processor.storage.repository import merge
-from processor.tests.oracle import expected_rows, stored_rows
+from processor.tests.helpers.oracle import expected_rows, stored_rows
 
 KEYS = [("1.1.1.1", 80, "HTTP"), ("1.1.1.1", 22, "SSH"), ("2001:db8::1", 53, "DNS")]
 
@@ -142,7 +142,7 @@ def _run_in_processes(target, args_list) -> None:
     # forkserver: children start fast (the store is imported once, in the server) and are not
     # forked from this process, which may hold gRPC threads.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["processor.storage", "processor.tests.test_store"])
+    context.set_forkserver_preload(["processor.storage", "processor.tests.integration.test_store"])
     processes = [context.Process(target=target, args=args) for args in args_list]
     for process in processes:
         process.start()

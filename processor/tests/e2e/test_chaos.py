@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from processor.tests.chaos import (
+from processor.tests.helpers.chaos import (
     ProxyCut,
     SqliteWriteLock,
     Workload,
@@ -32,8 +32,8 @@ from processor.tests.chaos import (
     scan_workload,
     unexpected_letters,
 )
-from processor.tests.conftest import Pipeline, ProcessorProcess
-from processor.tests.tcpproxy import tcp_proxy
+from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess
+from processor.tests.helpers.tcpproxy import tcp_proxy
 from scanner.malformed import MALFORMED_REASONS
 
 MESSAGES = 20_000

@@ -10,7 +10,7 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator.testing import free_port, wait_until
 from processor.pipeline.deadletter import MAX_ATTRIBUTES, MAX_REQUEST_BYTES, fit
-from processor.tests.conftest import Pipeline, metric
+from processor.tests.helpers.pipeline import Pipeline, metric
 
 TOPIC = "projects/test-project/topics/scan-dlq"
 REASON = {

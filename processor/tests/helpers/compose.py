@@ -18,9 +18,9 @@ from typing import Any
 
 from emulator.testing import wait_until
 from processor.schema import Observation
-from processor.tests.oracle import Row, expected_rows
+from processor.tests.helpers import ROOT
+from processor.tests.helpers.oracle import Row, expected_rows
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MIN_COMPOSE = (2, 20)  # `name:` and `depends_on.required`
 # Variables of the user's shell that would change which file, project or profiles compose uses.

@@ -7,45 +7,23 @@ import random
 import time
 
 from emulator.testing import free_port, wait_until
-from processor.schema import Observation
 from processor.storage import migrate, open_engine
-from processor.tests.conftest import http_get, metric, scan
-from processor.tests.oracle import expected_rows, stored_rows
-from processor.tests.tcpproxy import tcp_proxy
-from processor.tests.test_schema import BAD_INPUTS, CATALOGUE_MAX_BYTES
+from processor.tests.helpers.oracle import expected_rows
+from processor.tests.helpers.pipeline import (
+    http_get,
+    metric,
+    observations,
+    publish_observations,
+    reaches_oracle,
+    scan,
+)
+from processor.tests.helpers.tcpproxy import tcp_proxy
+from processor.tests.unit.test_schema import BAD_INPUTS, CATALOGUE_MAX_BYTES
 
 NOW = int(time.time())
 # How long the database stays unreachable in the outage test beyond the moment the processor
 # notices; OUTAGE_SECONDS=300 reproduces the five-minute outage of RELIABILITY.md.
 OUTAGE_SECONDS = float(os.environ.get("OUTAGE_SECONDS", "1"))
-
-
-def observations(count: int, keys: int, seed: int = 1) -> list[Observation]:
-    rng = random.Random(seed)
-    return [
-        Observation(
-            f"1.1.1.{rng.randrange(keys)}",
-            443,
-            "HTTP",
-            NOW - rng.randrange(100_000),
-            f"service response: {rng.randrange(100)}",
-        )
-        for _ in range(count)
-    ]
-
-
-def publish_observations(pipeline, items: list[Observation]) -> None:
-    pipeline.publish(
-        scan(o.ip, o.port, o.service, o.timestamp, o.response, version=1 + i % 2)
-        for i, o in enumerate(items)
-    )
-
-
-def reaches_oracle(pipeline, items: list[Observation], timeout: float = 30) -> bool:
-    expected = expected_rows(items)
-    return wait_until(
-        lambda: stored_rows(pipeline.rows()) == expected, timeout=timeout, interval=0.2
-    )
 
 
 def test_both_hello_world_forms_are_stored_as_text(any_emulator_host, make_pipeline):

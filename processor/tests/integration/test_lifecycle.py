@@ -16,9 +16,13 @@ from emulator.testing import free_port, wait_until
 from processor.commands.setup import ensure_resources
 from processor.config import SetupSettings
 from processor.storage import database_url
-from processor.tests.conftest import unique
-from processor.tests.oracle import expected_rows, stored_rows
-from processor.tests.test_processor import observations, publish_observations, reaches_oracle
+from processor.tests.helpers.oracle import expected_rows, stored_rows
+from processor.tests.helpers.pipeline import (
+    observations,
+    publish_observations,
+    reaches_oracle,
+    unique,
+)
 
 
 def busy_processor(make_pipeline, spawn_processor, seed: int):

@@ -26,14 +26,14 @@ import pytest
 from ruamel.yaml import YAML
 
 from emulator.testing import wait_until
-from processor.tests.chaos import (
+from processor.tests.helpers.chaos import (
     covers,
     describe_difference,
     pull_dead_letters,
     table_rows,
     unexpected_letters,
 )
-from processor.tests.compose import (
+from processor.tests.helpers.compose import (
     ROOT,
     ScannerLog,
     Stack,

@@ -21,9 +21,16 @@ from emulator.testing import free_port, wait_until
 from processor.pipeline.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
 from processor.pipeline.messages import Received
 from processor.runtime.metrics import Metrics
-from processor.tests.chaos import SqliteWriteLock
-from processor.tests.conftest import Pipeline, http_get, metric, unique
-from processor.tests.test_processor import observations, publish_observations, reaches_oracle
+from processor.tests.helpers.chaos import SqliteWriteLock
+from processor.tests.helpers.pipeline import (
+    Pipeline,
+    http_get,
+    metric,
+    observations,
+    publish_observations,
+    reaches_oracle,
+    unique,
+)
 
 batch_only = pytest.mark.parametrize("consumer", ["batch"])
 
@@ -189,7 +196,7 @@ def test_a_subscription_with_exactly_once_delivery_is_refused_in_one_line(
 
 
 def _bodies(items: list) -> list[bytes]:
-    from processor.tests.conftest import scan
+    from processor.tests.helpers.pipeline import scan
 
     return [scan(o.ip, o.port, o.service, o.timestamp, o.response) for o in items]
 

@@ -34,9 +34,9 @@ from processor.cli import COMMANDS
 from processor.config import DatabaseSettings, ProcessorSettings, PubSubSettings, SetupSettings
 from processor.runtime.health import HealthServer
 from processor.runtime.metrics import Metrics
-from processor.tests.conftest import http_get
+from processor.tests.helpers import ROOT
+from processor.tests.helpers.pipeline import http_get
 
-ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["gke", "local"]
 PROCESSOR = "mini-scan-processor"

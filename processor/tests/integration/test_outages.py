@@ -23,10 +23,17 @@ from processor.runtime.metrics import Metrics
 from processor.schema import Observation
 from processor.storage import Repository, UpsertResult, migrate, open_engine
 from processor.storage.repository import CANARY_IP
-from processor.tests.chaos import ProxyCut, SqliteWriteLock, database_address, proxied_url
-from processor.tests.conftest import Pipeline, http_get, metric, scan
-from processor.tests.tcpproxy import tcp_proxy
-from processor.tests.test_processor import observations, publish_observations, reaches_oracle
+from processor.tests.helpers.chaos import ProxyCut, SqliteWriteLock, database_address, proxied_url
+from processor.tests.helpers.pipeline import (
+    Pipeline,
+    http_get,
+    metric,
+    observations,
+    publish_observations,
+    reaches_oracle,
+    scan,
+)
+from processor.tests.helpers.tcpproxy import tcp_proxy
 
 DATABASE_TIMEOUT = 2  # seconds, in the stall tests
 # README: a call left unanswered is reported DATABASE_TIMEOUT + 1 s after it began (the watchdog

@@ -30,9 +30,9 @@ from processor.schema import (
     decode,
 )
 from processor.storage import Repository, migrate, open_engine
-from processor.tests.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
-from processor.tests.conftest import Pipeline, metric, scan
-from processor.tests.oracle import expected_rows, stored_rows
+from processor.tests.helpers.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
+from processor.tests.helpers.oracle import expected_rows, stored_rows
+from processor.tests.helpers.pipeline import Pipeline, metric, scan
 
 NOW = int(time.time())
 DECODER_REASONS = {str(reason) for reason in Reason} - {STORAGE_REJECTED}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from processor.config import ProcessorSettings, SetupSettings
 from processor.schema import Reason
+from processor.tests.helpers import ROOT
 
-README = (Path(__file__).parents[2] / "README.md").read_text()
+README = (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
