@@ -1,4 +1,5 @@
-"""Publishing rejected messages to the dead-letter topic, then acking them.
+"""Publishing messages that can never be stored to the dead-letter topic, with why; the
+processor acks each once its publish is confirmed, and nacks it if the publish failed.
 
 The dead-letter copy is the original data and attributes plus the reason attributes. When that
 does not fit Pub/Sub's limits (a rejected message near 10 MB, or one already carrying close to
@@ -14,6 +15,7 @@ import datetime as dt
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -22,7 +24,6 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as pubsub_types
 
 from processor.pipeline.messages import Received
-from processor.pipeline.source import Acknowledger
 from processor.runtime.logs import excerpt
 from processor.runtime.metrics import Metrics
 from processor.schema import Reason
@@ -39,21 +40,21 @@ MAX_BYTES_IN_FLIGHT = 2 * MAX_REQUEST_BYTES
 
 
 class DeadLetters:
-    """Publishes a message that can never be stored, with why, and acks it only once the
-    publish is confirmed; if the publish fails, the message is nacked and will come again."""
+    """Publishes a message that can never be stored, with why, and reports to `settled`
+    whether the publish was confirmed (True) or failed (False)."""
 
     def __init__(
         self,
         publisher: pubsub_v1.PublisherClient,
         topic_path: str,
         subscription_path: str,
-        acks: Acknowledger,
+        settled: Callable[[Received, bool], None],
         metrics: Metrics,
     ) -> None:
         self._publisher = publisher
         self._topic = topic_path
         self._subscription = subscription_path
-        self._acks = acks
+        self._settled = settled
         self._metrics = metrics
         self._in_flight: set[futures.Future[Any]] = set()
         self._bytes_in_flight = 0
@@ -65,7 +66,7 @@ class DeadLetters:
         self._reported_at = 0.0
 
     def send(self, message: Received, reason: Reason, error: str) -> None:
-        """Publish `message` with `reason` to the dead-letter topic; ack or nack it after."""
+        """Publish `message` with `reason` to the dead-letter topic; `settled` hears how it went."""
         published = dt.datetime.fromtimestamp(message.publish_time, dt.UTC)
         why = {
             "reason": str(reason),
@@ -115,8 +116,7 @@ class DeadLetters:
             self._room.notify_all()
         failure = done.exception()
         if failure is not None:
-            self._acks.nack([message])
-            self._metrics.nacked.inc()
+            self._settled(message, False)
             _log.error(
                 "dead_letter_publish_failed",
                 reason=str(reason),
@@ -124,9 +124,8 @@ class DeadLetters:
                 error=excerpt(str(failure)),
             )
             return
-        self._acks.ack([message])
         self._metrics.dead_lettered.labels(reason=str(reason)).inc()
-        self._metrics.acked.inc()
+        self._settled(message, True)
         with self._lock:
             self._unreported[reason] = self._unreported.get(reason, 0) + 1
             self._samples.setdefault(

@@ -1,9 +1,15 @@
-"""The processor's consumer core: a stream source in, decoded observations to the batcher,
-rejections to the dead letters, shutdown.
+"""The processor: a source's deliveries decoded, observations batched and committed by the
+writer, rejections dead-lettered; and the ack policy, decided here and nowhere else.
 
-Per delivery (a whole streaming-pull response, or one message with CONSUMER=client): decode
-each message; rejections go to the dead-letter topic, observations to the batcher in one
-hand-off. Per batch (in the writer thread): commit, then ack in bulk.
+The ack policy (every ack and nack the processor sends is one of these):
+- a message whose row committed: ack, after the commit (`committed`);
+- a message the decoder rejects, or whose row the database refuses (a bad row, not a bad
+  table): published to the dead-letter topic with its reason, then ack once that publish is
+  confirmed; nack if the publish failed, so it comes again (`_dead_letter_settled`);
+- a message that cannot be placed (a decode bug, the batcher closed at shutdown, a long outage,
+  a batch the writer gave up on at shutdown): nack, so another processor gets it (`hand_back`).
+A source settles nothing on its own, except that closing it hands back (nacks) whatever it
+still holds: a lease is never left to lapse.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from google.cloud import pubsub_v1
@@ -21,11 +27,12 @@ from processor.pipeline.batcher import Batcher
 from processor.pipeline.client_subscriber import ClientSubscriber
 from processor.pipeline.deadletter import DeadLetters
 from processor.pipeline.messages import Held, Received
+from processor.pipeline.refusals import Refused
 from processor.pipeline.source import Source
 from processor.pipeline.streaming_pull import StreamingPull
 from processor.pipeline.writer import Writer
 from processor.runtime.metrics import Metrics
-from processor.schema import Rejection, decode
+from processor.schema import Reason, Rejection, decode
 from processor.storage import Repository
 
 _log = structlog.get_logger("processor.pipeline.processor")
@@ -54,14 +61,13 @@ class Processor:
             publisher,
             settings.dead_letter_topic_path,
             settings.subscription_path,
-            self._source,
+            self._dead_letter_settled,
             metrics,
         )
         self._writer = Writer(
             self._batcher,
             repository,
-            self._dead_letters,
-            self._source,
+            self,
             metrics,
             database_timeout=settings.database_timeout,
             stall_seconds=settings.writer_stall_seconds,
@@ -104,8 +110,37 @@ class Processor:
         if held and not self._batcher.add_many(held):
             unplaced += [h.received for h in held]
         if unplaced:
-            self._source.nack(unplaced)
-            self._metrics.nacked.inc(len(unplaced))
+            self._nack(unplaced)
+
+    # --- the ack policy ---------------------------------------------------------------------
+
+    def committed(self, batch: Sequence[Held], refused: Refused) -> None:
+        """The writer committed `batch`'s rows except the `refused` ones."""
+        refused_ids = {id(held) for held, _ in refused}
+        self._ack([held.received for held in batch if id(held) not in refused_ids])
+        for held, error in refused:
+            self._dead_letters.send(held.received, Reason.STORAGE_REJECTED, error)
+
+    def hand_back(self, batch: Sequence[Held]) -> None:
+        """Messages not stored and not kept: back to Pub/Sub for another processor."""
+        self._nack([held.received for held in batch])
+        _log.warning("batch_handed_back", messages=len(batch))
+
+    def _dead_letter_settled(self, message: Received, published: bool) -> None:
+        if published:
+            self._ack([message])
+        else:
+            self._nack([message])
+
+    def _ack(self, messages: list[Received]) -> None:
+        self._source.ack(messages)
+        self._metrics.acked.inc(len(messages))
+
+    def _nack(self, messages: list[Received]) -> None:
+        self._source.nack(messages)
+        self._metrics.nacked.inc(len(messages))
+
+    # --- running ------------------------------------------------------------------------------
 
     def supervise(self) -> None:
         """Run twice a second by the main loop: the ready gauge and the long-outage rule.
@@ -132,7 +167,7 @@ class Processor:
         self._source.pause()
         handed_back = self._batcher.drain()
         if handed_back:
-            self._writer.hand_back(handed_back)
+            self.hand_back(handed_back)
         self._metrics.streams_paused.set(1)
         _log.warning(
             "streams_paused",
@@ -161,7 +196,7 @@ class Processor:
         # Keep a margin for closing the streams, which sends the last acks and nacks.
         flushed = self._writer.join(timeout=max(0.0, deadline - time.monotonic() - 2.0))
         if not flushed:
-            self._writer.hand_back(self._writer.abandon() + self._batcher.drain())
+            self.hand_back(self._writer.abandon() + self._batcher.drain())
             self._writer.join(timeout=0.5)
         self._dead_letters.wait(timeout=max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))
         self._source.close(timeout=max(0.1, deadline - time.monotonic()))

@@ -8,13 +8,12 @@ Replay a failure with the seed it prints:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -23,9 +22,8 @@ from processor.tests.helpers.chaos import (
     SqliteWriteLock,
     Workload,
     covers,
-    database_address,
+    database_outage,
     describe_difference,
-    proxied_url,
     publish_paced,
     pull_dead_letters,
     reaches,
@@ -33,7 +31,6 @@ from processor.tests.helpers.chaos import (
     unexpected_letters,
 )
 from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess
-from processor.tests.helpers.tcpproxy import tcp_proxy
 from scanner.malformed import MALFORMED_REASONS
 
 MESSAGES = 20_000
@@ -48,20 +45,6 @@ CONVERGE_TIMEOUT = 150
 @pytest.fixture
 def seed() -> int:
     return int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
-
-
-@contextlib.contextmanager
-def outage_for(database: str, url: str) -> Iterator[tuple[str, SqliteWriteLock | ProxyCut]]:
-    """The URL processors must use, and how to make that database unavailable."""
-    if database == "sqlite":
-        lock = SqliteWriteLock(url.removeprefix("sqlite:///"))
-        try:
-            yield url, lock
-        finally:
-            lock.close()
-        return
-    with tcp_proxy(*database_address(url)) as proxy:
-        yield proxied_url(url, proxy.address), ProxyCut(proxy)
 
 
 class Fleet:
@@ -125,7 +108,7 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
     # Given 20,000 scans of 300 keys (30% duplicates, timestamps shuffled, some a day old, 3%
     # malformed covering every rejection reason) published over half a minute
     workload: Workload = scan_workload(seed, MESSAGES, KEYS)
-    with outage_for(database, direct_url) as (url, outage):
+    with database_outage(direct_url) as (url, outage):
         pipeline = make_pipeline(database_url=url)
         fleet = Fleet(lambda: spawn_processor(pipeline, BATCH_SIZE="200"), rng)
         publishing = publish_paced(

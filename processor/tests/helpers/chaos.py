@@ -19,7 +19,7 @@ from emulator.testing import wait_until
 from processor.schema import Observation, Reason
 from processor.storage import Repository, open_engine
 from processor.tests.helpers.oracle import Row, expected_rows, stored_rows
-from processor.tests.helpers.tcpproxy import TcpProxy
+from processor.tests.helpers.tcpproxy import TcpProxy, tcp_proxy
 from scanner.generator import Kind, Mix, ScanGenerator, ScanMessage
 
 # --- the workload ---------------------------------------------------------------------------
@@ -261,3 +261,62 @@ def unexpected_letters(letters: list[Any], expected: dict[str, str]) -> dict[str
 
 
 STORAGE_REJECTED = str(Reason.STORAGE_REJECTED)
+
+
+class ProxyStall(ProxyCut):
+    """Makes a database stop answering: connections through the proxy stay open, but no byte
+    is forwarded (a network that silently drops packets, a frozen server)."""
+
+    def begin(self) -> None:
+        self._proxy.stall()
+
+
+@contextlib.contextmanager
+def database_outage(
+    url: str, stall: bool = False
+) -> Iterator[tuple[str, ProxyCut | SqliteWriteLock]]:
+    """A URL for the processor and a way to make that database unwritable: another connection
+    holding SQLite's write lock (writes wait for it), or PostgreSQL's connections cut at a TCP
+    proxy (or, with `stall`, left open with nothing forwarded)."""
+    if url.startswith("sqlite"):
+        lock = SqliteWriteLock(url.removeprefix("sqlite:///"))
+        try:
+            yield url, lock
+        finally:
+            lock.close()
+        return
+    with tcp_proxy(*database_address(url)) as proxy:
+        yield proxied_url(url, proxy.address), (ProxyStall if stall else ProxyCut)(proxy)
+
+
+def refuse(url: str, name: str, column: str, test: str) -> None:
+    """Make the table refuse rows whose `column` passes `test` (SQL), as a migration could: a
+    CHECK constraint on PostgreSQL (not validated on the rows already stored), triggers raising
+    ABORT on SQLite (an IntegrityError, as a CHECK gives; SQLite cannot add a CHECK)."""
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(
+                f"ALTER TABLE services ADD CONSTRAINT {name} CHECK (NOT ({column} {test})) "
+                "NOT VALID"
+            )
+        else:
+            for event in ("INSERT", "UPDATE"):
+                connection.exec_driver_sql(
+                    f"CREATE TRIGGER {name}_{event.lower()} BEFORE {event} ON services "
+                    f"WHEN NEW.{column} {test} "
+                    f"BEGIN SELECT RAISE(ABORT, '{name} refuses the row'); END"
+                )
+    engine.dispose()
+
+
+def allow(url: str, name: str) -> None:
+    """Undo `refuse`."""
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"ALTER TABLE services DROP CONSTRAINT {name}")
+        else:
+            for event in ("insert", "update"):
+                connection.exec_driver_sql(f"DROP TRIGGER {name}_{event}")
+    engine.dispose()
