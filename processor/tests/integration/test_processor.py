@@ -22,7 +22,7 @@ from processor.tests.unit.test_schema import BAD_INPUTS, CATALOGUE_MAX_BYTES
 
 NOW = int(time.time())
 # How long the database stays unreachable in the outage test beyond the moment the processor
-# notices; OUTAGE_SECONDS=300 reproduces the five-minute outage of RELIABILITY.md.
+# notices; OUTAGE_SECONDS=300 reproduces the five-minute outage of docs/reliability.md.
 OUTAGE_SECONDS = float(os.environ.get("OUTAGE_SECONDS", "1"))
 
 
