@@ -1,7 +1,7 @@
 """SIGTERM and SIGINT as a request to stop: the handlers every command installs, the exception
 that ends a start-up wait, and the exit code of a command stopped before its job was done.
 
-The rule (README, "Stopping"): a command that runs until it is stopped (`up`, `process`, `scan`,
+The rule (docs/operations.md, "Stopping"): a command that runs until it is stopped (`up`, `process`, `scan`,
 `emulator`) exits 0 after a stop at any moment, start-up waits included; a command that does a
 job and ends (`setup`, `dlq`, ...) exits 128 + the signal (130 for SIGINT, 143 for SIGTERM) when
 stopped before the job was done, so a script or compose's `service_completed_successfully`
