@@ -1,12 +1,12 @@
-"""SIGTERM and SIGINT as a request to stop: the handlers every command installs, the exception
-that ends a start-up wait, and the exit code of a command stopped before its job was done.
+"""SIGTERM and SIGINT as a request to stop: the handlers every command installs, the exception that
+ends a start-up wait, and the exit code of a command stopped before its job was done.
 
-The rule (docs/operations.md, "Stopping"): a command that runs until it is stopped (`up`, `process`, `scan`,
-`emulator`) exits 0 after a stop at any moment, start-up waits included; a command that does a
-job and ends (`setup`, `dlq`, ...) exits 128 + the signal (130 for SIGINT, 143 for SIGTERM) when
-stopped before the job was done, so a script or compose's `service_completed_successfully`
-never takes a half-done job for a done one. Imports only the standard library: it must be
-installed before the heavy imports.
+The rule (docs/operations.md, "Stopping"): a command that runs until it is stopped (`up`, `process`,
+`scan`, `emulator`) exits 0 after a stop at any moment, start-up waits included; a command that does
+a job and ends (`setup`, `dlq`, ...) exits 128 + the signal (130 for SIGINT, 143 for SIGTERM) when
+stopped before the job was done, so a script or compose's `service_completed_successfully` never
+takes a half-done job for a done one. Imports only the standard library: it must be installed before
+the heavy imports.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Why not `PublisherClient.publish()` per message: its per-message path (a proto-plus wrapper, a
 size probe that builds a whole PublishRequest, a future, flow-control locks) tops out near
-10,000 msg/s in one Python process (see docs/benchmarks.md). The scanner batches itself and sends each
-batch with the same client's Publish RPC (the GAPIC method `publish()` itself uses, with its
+10,000 msg/s in one Python process (see docs/benchmarks.md). The scanner batches itself and sends
+each batch with the same client's Publish RPC (the GAPIC method `publish()` itself uses, with its
 default retry policy): about five times the rate. Confirmations still arrive asynchronously,
 per batch, through future callbacks, and a bounded number of batches in flight is the flow control.
 """

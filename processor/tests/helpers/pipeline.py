@@ -34,6 +34,7 @@ from processor.runtime.pubsub import subscriber_client
 from processor.schema import Observation
 from processor.storage import Repository, open_engine
 from processor.tests.helpers.oracle import expected_rows, stored_rows
+from processor.tests.helpers.wire import scan
 
 NOW = int(time.time())
 
@@ -147,28 +148,6 @@ class Pipeline:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def scan(
-    ip: str, port: int, service: str, timestamp: int, response: str, version: int = 2
-) -> bytes:
-    """A wire message, built by hand (not through `encode`) so tests check the real format."""
-    if version == 1:
-        import base64
-
-        data = {"response_bytes_utf8": base64.b64encode(response.encode()).decode()}
-    else:
-        data = {"response_str": response}
-    return json.dumps(
-        {
-            "ip": ip,
-            "port": port,
-            "service": service,
-            "timestamp": timestamp,
-            "data_version": version,
-            "data": data,
-        }
-    ).encode()
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from emulator.testing import free_port, wait_until
-from processor.pipeline.writer import is_refused_value
+from processor.pipeline.refusals import is_refused_value
 from processor.schema import (
     MAX_JSON_TOKENS,
     MAX_SERVICE_LENGTH,
@@ -32,7 +32,8 @@ from processor.schema import (
 from processor.storage import Repository, migrate, open_engine
 from processor.tests.helpers.chaos import STORAGE_REJECTED, pull_dead_letters, reasons_by_source
 from processor.tests.helpers.oracle import expected_rows, stored_rows
-from processor.tests.helpers.pipeline import Pipeline, metric, scan
+from processor.tests.helpers.pipeline import Pipeline, metric
+from processor.tests.helpers.wire import scan
 
 NOW = int(time.time())
 DECODER_REASONS = {str(reason) for reason in Reason} - {STORAGE_REJECTED}
@@ -153,15 +154,8 @@ def stored_exactly(repo: Repository, observation: Observation) -> None:
 
 def wire(response: str, service: str = "HTTP", ascii_only: bool = True) -> bytes:
     """A v2 message carrying `response` on a key of its own."""
-    message = {
-        "ip": "10.0.0.1",
-        "port": next(_ports) % 65536,
-        "service": service,
-        "timestamp": NOW,
-        "data_version": 2,
-        "data": {"response_str": response},
-    }
-    return json.dumps(message, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    port = next(_ports) % 65536
+    return scan("10.0.0.1", port, service, NOW, response, ascii_only=ascii_only)
 
 
 def json_tokens(value: Any) -> int:
@@ -337,15 +331,7 @@ HOSTILE = {
 
 def body(ip: str, port: int, service: str, response: str) -> bytes:
     """A v2 message as raw UTF-8 (the compact form: JSON escapes would triple astral text)."""
-    message = {
-        "ip": ip,
-        "port": port,
-        "service": service,
-        "timestamp": NOW,
-        "data_version": 2,
-        "data": {"response_str": response},
-    }
-    return json.dumps(message, ensure_ascii=False).encode()
+    return scan(ip, port, service, NOW, response, ascii_only=False)
 
 
 def test_a_batch_mixing_hostile_values_with_good_ones_neither_crashes_nor_stalls(

@@ -26,8 +26,8 @@ from processor.tests.helpers.pipeline import (
     observations,
     publish_observations,
     reaches_oracle,
-    scan,
 )
+from processor.tests.helpers.wire import scan
 
 DATABASE_TIMEOUT = 2  # seconds, in the stall tests
 # README: a call left unanswered is reported DATABASE_TIMEOUT + 1 s after it began (the watchdog

@@ -15,10 +15,9 @@ from processor.tests.helpers.pipeline import (
     observations,
     publish_observations,
     reaches_oracle,
-    scan,
 )
 from processor.tests.helpers.tcpproxy import tcp_proxy
-from processor.tests.unit.test_schema import BAD_INPUTS, CATALOGUE_MAX_BYTES
+from processor.tests.helpers.wire import BAD_INPUTS, CATALOGUE_MAX_BYTES, scan
 
 NOW = int(time.time())
 # How long the database stays unreachable in the outage test beyond the moment the processor
