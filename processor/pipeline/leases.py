@@ -2,8 +2,9 @@
 
 The rule it owns: a held message's lease is extended (modify ack deadline) for as long as it is
 held, and never after it was acked or handed back. Acks, nacks and extensions leave from one
-thread, in the order they were decided, split at Pub/Sub's request limits and retried as the
-client library retries them (its GAPIC defaults); the writer never waits for them.
+thread: each pass sends every ack queued since the last pass, then every nack, then (when due) one
+extension of what is still held; split at Pub/Sub's request limits and retried as the client
+library retries them (its GAPIC defaults); the writer never waits for them.
 """
 
 from __future__ import annotations
