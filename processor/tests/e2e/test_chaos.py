@@ -3,7 +3,7 @@ equal the merge rule applied to everything published, and every malformed messag
 dead-letter subscription with its reason.
 
 Replay a failure with the seed it prints:
-`CHAOS_SEED=<seed> uv run pytest processor/tests/test_chaos.py`.
+`CHAOS_SEED=<seed> uv run pytest processor/tests/e2e/test_chaos.py`.
 """
 
 from __future__ import annotations
