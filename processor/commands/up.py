@@ -29,6 +29,7 @@ from rich.table import Table
 
 from emulator import Emulator
 from processor.commands import run_command
+from processor.commands.inert import cell
 from processor.commands.query import read_engine
 from processor.commands.setup import ensure_resources
 from processor.config import (
@@ -102,7 +103,7 @@ def _up(args: argparse.Namespace) -> int:
             ensure_resources(setup, stop)
             _spawn_all(children, args, _environment(settings, host), stop)
         except Stopped as exc:  # a stop is this command's normal end, before start-up too
-            console.print(str(exc))
+            console.print(cell(exc))
             return 0
         except OSError as exc:  # a child that cannot be started
             raise StartupError(first_line(exc)) from exc
@@ -117,7 +118,7 @@ def _up(args: argparse.Namespace) -> int:
                     break
             live.update(view.render(time.monotonic() - started, stopping=True))
         codes = _stop_children(children)
-        console.print(view.summary(time.monotonic() - started, codes))
+        console.print(cell(view.summary(time.monotonic() - started, codes)))
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
@@ -227,7 +228,8 @@ class _View:
                 f"{s.get('mini_scan_messages_held', 0):,.0f}",
                 "up" if s.get("mini_scan_database_up", 1) == 1 else "DOWN",
             )
-        header = (
+        # Text, not markup: a path or host with "[" in it is shown, not parsed.
+        header = cell(
             f"mini-scan up  ·  emulator {self._host}  ·  {redact_url(self._settings.database_url)}"
             f"  ·  {elapsed:,.0f}s  ·  " + ("stopping..." if stopping else "Ctrl-C to stop")
         )

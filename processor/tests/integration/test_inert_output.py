@@ -8,7 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,24 +19,9 @@ from processor.commands.inert import cell, csv_cell, escape_controls
 from processor.commands.query import services_main, stats_main
 from processor.schema import Observation
 from processor.storage import Repository, open_engine
+from processor.tests.helpers.hostile import FORMULA, HOSTILE, RAW_CONTROL, assert_inert
 
-# What a probe's answer can hold: rich markup (an unbalanced closing tag made `services` crash
-# with MarkupError; a link tag became a live hyperlink), an emoji code, a screen clear, an OSC 52
-# clipboard write, an OSC 8 hyperlink, a C1 CSI, a right-to-left override and a formula.
-HOSTILE = (
-    "[/x] [link=https://evil.example]click[/link] [bold red]red[/] :skull: "
-    "\x1b[2J\x1b]52;c;ZXZpbA==\x07 \x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\ "
-    "\x9b31m \u202e\x7f\r\n"
-)
-FORMULA = '=HYPERLINK("https://evil.example","x")'
-# Any C0 control but the newline that ends a line, DEL, and C1.
-RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]")
 NOW = int(time.time())
-
-
-def assert_inert(out: str) -> None:
-    assert not RAW_CONTROL.search(out), repr(out)
-    assert "Traceback" not in out
 
 
 @pytest.fixture
@@ -115,3 +101,20 @@ def test_every_formula_start_is_quoted(start: str) -> None:
     assert csv_cell(start + "1+1") == "'" + start + "1+1"
     assert csv_cell(80) == 80
     assert csv_cell("1.1.1.1") == "1.1.1.1"
+
+
+def test_ups_view_shows_a_host_with_markup_as_text(tmp_path) -> None:
+    # Catches: the header passed to rich as a str (the "[/x]" ends in MarkupError).
+    from processor.commands.up import Child, UpSettings, _View
+
+    host = "[/x]\x1b[2J:8085"
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
+    view = _View(UpSettings(), host, [Child("scanner", process)], tmp_path)
+    console = Console(record=True, width=400, color_system=None, file=io.StringIO())
+
+    console.print(view.render(1.0))
+
+    out = console.export_text()
+    assert_inert(out)
+    assert "emulator [/x]\\x1b[2J:8085" in out
