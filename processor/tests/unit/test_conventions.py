@@ -13,6 +13,7 @@ import structlog
 
 from processor import version
 from processor.cli import main
+from processor.config import PubSubSettings
 from processor.runtime.logs import configure_logging
 from processor.runtime.metrics import Metrics
 
@@ -74,3 +75,56 @@ def test_metrics_have_no_created_series_and_a_build_info_gauge() -> None:
     assert f'version="{version()}"' in text
     assert "mini_scan_build_info{" in text
     assert "mini_scan_messages_acked_total 1.0" in text
+
+
+@pytest.fixture
+def no_project(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("PUBSUB_PROJECT_ID", "GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_project_is_the_setting_then_google_cloud_project(no_project) -> None:
+    no_project.setenv("GOOGLE_CLOUD_PROJECT", "real-project")
+    assert PubSubSettings().topic_path == "projects/real-project/topics/scan-topic"
+    no_project.setenv("PUBSUB_PROJECT_ID", "chosen")
+    assert PubSubSettings().pubsub_project_id == "chosen"
+
+
+def test_with_an_emulator_and_nothing_set_the_project_is_test_project(no_project) -> None:
+    no_project.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
+    assert PubSubSettings().pubsub_project_id == "test-project"
+
+
+def test_on_real_pubsub_the_project_comes_from_the_credentials(no_project, tmp_path) -> None:
+    # Catches: test-project on real Pub/Sub (the old default), where no such project is ours.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    account = {
+        "type": "service_account",
+        "project_id": "from-credentials",
+        "private_key_id": "1",
+        "private_key": pem,
+        "client_email": "mini-scan@from-credentials.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    path = tmp_path / "account.json"
+    path.write_text(json.dumps(account))
+    no_project.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+
+    assert PubSubSettings().pubsub_project_id == "from-credentials"
+
+
+def test_up_starts_its_own_emulator_so_needs_no_credentials_for_a_project(no_project) -> None:
+    from processor.commands.up import UpSettings
+
+    no_project.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/account.json")
+    assert UpSettings().pubsub_project_id == "test-project"
