@@ -326,3 +326,18 @@ def test_the_prometheus_configuration_passes_promtool() -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_long_running_service_restarts_and_one_shots_do_not(compose) -> None:
+    for name, service in compose["services"].items():
+        one_shot = name in ("setup", "data-dir")
+        expected = "no" if one_shot else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
+def test_every_service_rotates_its_logs(compose) -> None:
+    for name, service in compose["services"].items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        assert logging["options"]["max-size"], name
+        assert int(logging["options"]["max-file"]) >= 1, name
