@@ -39,7 +39,11 @@ RUN_UNTIL_STOPPED = {"up", "process", "scan", "emulator"}
 
 
 def _usage() -> str:
-    lines = ["usage: mini-scan COMMAND [options]   (mini-scan COMMAND --help for its options)", ""]
+    lines = [
+        "usage: mini-scan COMMAND [options]   (mini-scan COMMAND --help for its options)",
+        "       mini-scan --version",
+        "",
+    ]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -49,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from processor import version
+
+        print(f"mini-scan {version()}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(

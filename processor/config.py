@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.errors import ConfigError
@@ -36,7 +36,12 @@ class PubSubSettings(BaseSettings):
     pubsub_emulator_host: str | None = Field(
         None, description="host:port of a Pub/Sub emulator; unset means real Google Cloud Pub/Sub"
     )
-    pubsub_project_id: str = Field("test-project", min_length=1, description="Google Cloud project")
+    pubsub_project_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Google Cloud project (default: GOOGLE_CLOUD_PROJECT; then test-project with "
+        "an emulator; then the project of the Google credentials)",
+    )
     pubsub_topic: str = Field(
         "scan-topic", min_length=1, description="topic the scanner publishes to"
     )
@@ -59,6 +64,13 @@ class PubSubSettings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _project(self) -> PubSubSettings:
+        if self.pubsub_project_id is None:
+            host = self.pubsub_emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
+            self.pubsub_project_id = default_project(host)
+        return self
+
     def apply_emulator_host(self) -> None:
         """The Google client reads PUBSUB_EMULATOR_HOST itself: a flag must reach it too."""
         if self.pubsub_emulator_host:
@@ -80,6 +92,22 @@ class PubSubSettings(BaseSettings):
     def dead_letter_subscription_path(self) -> str:
         name = self.pubsub_dead_letter_subscription
         return f"projects/{self.pubsub_project_id}/subscriptions/{name}"
+
+
+def default_project(emulator_host: str | None) -> str:
+    """The project when PUBSUB_PROJECT_ID is not set: GOOGLE_CLOUD_PROJECT, then the emulators'
+    usual test-project, then the project of the credentials (google.auth is imported only then;
+    missing credentials raise its DefaultCredentialsError, which the command line explains)."""
+    if project := os.environ.get("GOOGLE_CLOUD_PROJECT"):
+        return project
+    if emulator_host:
+        return "test-project"
+    import google.auth
+
+    _, project = google.auth.default()
+    if not project:
+        raise ValueError("no Google Cloud project: set PUBSUB_PROJECT_ID or GOOGLE_CLOUD_PROJECT")
+    return str(project)
 
 
 class DatabaseSettings(BaseSettings):

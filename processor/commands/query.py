@@ -21,9 +21,11 @@ from typing import Any
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import Engine
 
 from processor.commands import run_command
+from processor.commands.inert import cell, csv_cell
 from processor.config import ArgumentParser, DatabaseSettings, add_arguments, load
 from processor.errors import ConfigError, QueryError, first_line
 from processor.storage import Service, database_url, open_engine
@@ -241,7 +243,7 @@ def write_json_lines(rows: Iterable[dict[str, Any]], out: Any) -> None:
 def write_csv(rows: Sequence[dict[str, Any]], out: Any) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
-    writer.writerows([_plain(row[name]) for name in COLUMNS] for row in rows)
+    writer.writerows([csv_cell(_plain(row[name])) for name in COLUMNS] for row in rows)
 
 
 def write_table(rows: Sequence[dict[str, Any]], console: Console) -> None:
@@ -251,10 +253,11 @@ def write_table(rows: Sequence[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
-def _human(value: Any) -> str:
+def _human(value: Any) -> Text:
+    """A stored value as a table cell: inert text (processor/commands/inert.py)."""
     if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+        return cell(value.strftime("%Y-%m-%d %H:%M:%S"))
+    return cell(value)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def _stats(engine: Engine, args: argparse.Namespace) -> None:
     for name, value in stats.items():
         if name == "per_service":
             for service, count in value.items():
-                table.add_row(f"rows {service}", str(count))
+                table.add_row(cell(f"rows {service}"), str(count))
         else:
             table.add_row(name.replace("_", " "), "-" if value is None else _human(value))
     Console().print(table)

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
+from pydantic import model_validator
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from emulator import Emulator
 from processor.commands import run_command
+from processor.commands.inert import cell
 from processor.commands.query import read_engine
 from processor.commands.setup import ensure_resources
 from processor.config import (
@@ -37,6 +39,7 @@ from processor.config import (
     PubSubSettings,
     SetupSettings,
     add_arguments,
+    default_project,
     load,
 )
 from processor.errors import ConfigError, QueryError, StartupError, first_line
@@ -47,7 +50,11 @@ _CHILD_GRACE = 15.0  # a processor's own grace is 10 s
 
 
 class UpSettings(PubSubSettings, DatabaseSettings):
-    pass
+    @model_validator(mode="after")
+    def _project(self) -> UpSettings:  # replaces PubSubSettings's: `up` always has an emulator
+        if self.pubsub_project_id is None:
+            self.pubsub_project_id = default_project(emulator_host="started by up")
+        return self
 
 
 @dataclass
@@ -97,18 +104,18 @@ def _up(args: argparse.Namespace) -> int:
         # spawn), every child started so far is stopped, not left behind in its own session.
         children: list[Child] = []
         stack.callback(_stop_children, children)
+        view = _View(settings, host, children, args.logs)  # counts the rows there before
         try:
             setup = SetupSettings(**settings.model_dump(include=set(PubSubSettings.model_fields)))
             ensure_resources(setup, stop)
             _spawn_all(children, args, _environment(settings, host), stop)
         except Stopped as exc:  # a stop is this command's normal end, before start-up too
-            console.print(str(exc))
+            console.print(cell(exc))
             return 0
         except OSError as exc:  # a child that cannot be started
             raise StartupError(first_line(exc)) from exc
         started = time.monotonic()
         with Live(console=console, refresh_per_second=4, transient=False) as live:
-            view = _View(settings, host, children, args.logs)
             while not stop.wait(0.5):
                 live.update(view.render(time.monotonic() - started))
                 if args.duration and time.monotonic() - started >= args.duration:
@@ -117,7 +124,7 @@ def _up(args: argparse.Namespace) -> int:
                     break
             live.update(view.render(time.monotonic() - started, stopping=True))
         codes = _stop_children(children)
-        console.print(view.summary(time.monotonic() - started, codes))
+        console.print(cell(view.summary(time.monotonic() - started, codes)))
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
@@ -181,10 +188,11 @@ def _stop_children(children: list[Child]) -> dict[str, int]:
 class _View:
     def __init__(self, settings: UpSettings, host: str, children: list[Child], logs: Path) -> None:
         self._settings, self._host, self._children = settings, host, children
-        self._scanner_log = logs / f"{children[0].name}.log"
+        self._scanner_log = logs / "scanner.log"
         self._published = self._rows = 0
         self._checked_at = time.monotonic()
         self._reader: sa.Engine | None = None
+        self._rows_before = self._count_rows()  # a database kept from an earlier run
 
     def render(self, elapsed: float, stopping: bool = False) -> Group:
         now = time.monotonic()
@@ -227,20 +235,25 @@ class _View:
                 f"{s.get('mini_scan_messages_held', 0):,.0f}",
                 "up" if s.get("mini_scan_database_up", 1) == 1 else "DOWN",
             )
-        header = (
+        # Text, not markup: a path or host with "[" in it is shown, not parsed.
+        header = cell(
             f"mini-scan up  ·  emulator {self._host}  ·  {redact_url(self._settings.database_url)}"
             f"  ·  {elapsed:,.0f}s  ·  " + ("stopping..." if stopping else "Ctrl-C to stop")
         )
         return Group(header, totals, per)
 
     def summary(self, elapsed: float, codes: dict[str, int]) -> str:
+        """After every child stopped: the scanner's own final count (its last log line, written
+        at exit) and the rows counted now, so published >= new rows; processed is the last
+        scrape of processors that are gone, a lower bound."""
         processed = self._total("mini_scan_messages_acked_total")
+        published = max(self._published, _scanner_confirmed(self._scanner_log))
         rows = self._count_rows()
         exits = ", ".join(f"{name}={code}" for name, code in codes.items())
         return (
-            f"stopped after {elapsed:,.0f}s: published {self._published:,}, processed "
-            f"{processed:,.0f}, {rows:,} rows in {redact_url(self._settings.database_url)}; "
-            f"exit codes: {exits}"
+            f"stopped after {elapsed:,.0f}s: published {published:,}, processed at least "
+            f"{processed:,.0f}, {rows:,} rows ({rows - self._rows_before:,} new) in "
+            f"{redact_url(self._settings.database_url)}; exit codes: {exits}"
         )
 
     def _total(self, name: str) -> float:

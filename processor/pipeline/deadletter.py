@@ -7,6 +7,11 @@ does not fit Pub/Sub's limits (a rejected message near 10 MB, or one already car
 beyond the limit are dropped (their count in `dropped_attributes`, the reason attributes are
 always kept), and data that does not fit is truncated, with `truncated=true`, `original_size`
 and `original_sha256` (hex) saying what it was.
+
+Those attribute names are reserved: a message arriving with any of them (or with the prefix of
+Pub/Sub's own dead-letter attributes) has it dropped from its copy, so whoever publishes to the
+topic cannot forge a reason, an error or a `truncated` mark that `mini-scan dlq` would trust.
+They keep their plain names (no prefix): they are documented for whoever reads `scan-dlq`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,28 @@ MAX_REQUEST_BYTES = 10_000_000  # a serialized publish request, topic and messag
 # The client holds several copies of a message while its publish is under way: large dead
 # letters wait for room rather than multiply memory (two maximum-size ones at a time).
 MAX_BYTES_IN_FLIGHT = 2 * MAX_REQUEST_BYTES
+
+# What the dead-lettering writes, and what Pub/Sub's dead-letter policy adds (it forwards a
+# message after MAX_DELIVERY_ATTEMPTS as it is, with attributes of this prefix and no reason).
+RESERVED_ATTRIBUTES = frozenset(
+    (
+        "reason",
+        "error",
+        "source_subscription",
+        "source_message_id",
+        "source_publish_time",
+        "dropped_attributes",
+        "truncated",
+        "original_size",
+        "original_sha256",
+    )
+)
+POLICY_PREFIX = "CloudPubSubDeadLetterSource"
+
+
+def is_reserved(key: str) -> bool:
+    """Whether an attribute is one only the dead-lettering (or Pub/Sub's policy) may set."""
+    return key in RESERVED_ATTRIBUTES or key.startswith(POLICY_PREFIX)
 
 
 class DeadLetters:
@@ -75,7 +102,8 @@ class DeadLetters:
             "source_message_id": message.message_id,
             "source_publish_time": published.isoformat(),
         }
-        data, attributes = fit(self._topic, message.data, dict(message.attributes), why)
+        original = {k: v for k, v in message.attributes.items() if not is_reserved(k)}
+        data, attributes = fit(self._topic, message.data, original, why)
         with self._room:  # back-pressure on the caller (a stream, or the writer)
             self._room.wait_for(
                 lambda: (

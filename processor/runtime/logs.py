@@ -1,5 +1,6 @@
-"""Logs: structlog's JSON lines (or a console renderer on a terminal), and the helpers that keep
-secrets and strangers' payloads out of them."""
+"""Logs: structlog's JSON lines (or a console renderer on a terminal), the standard library's
+loggers (google, grpc, alembic, sqlalchemy) sent through the same renderer, and the helpers that
+keep secrets and strangers' payloads out of them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,33 @@ from sqlalchemy.engine import make_url
 MAX_LOGGED_CHARS = 200  # payload excerpts and error texts in logs are cut to this
 
 
+# Cloud Logging reads a JSON line's `severity` (anything else shows as DEFAULT).
+_SEVERITY = {"warn": "WARNING", "exception": "ERROR", "fatal": "CRITICAL"}
+
+
+def add_severity(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """`severity` beside `level`: the same level, in the name Cloud Logging reads."""
+    level = str(event.get("level", "info"))
+    event["severity"] = _SEVERITY.get(level, level.upper())
+    return event
+
+
+class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever `sys.stdout` is when a line is written (as structlog's
+    PrintLogger does), not the stream there was at configuration time."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
-    """JSON lines for machines, or a console renderer on a terminal; one line per event."""
+    """JSON lines for machines, or a console renderer on a terminal; one line per event, ours
+    and the libraries' alike, each with `level` and `severity`."""
     if log_format is None:
         log_format = "console" if sys.stdout.isatty() else "json"
     renderer: Any = (
@@ -22,11 +48,13 @@ def configure_logging(level: str = "INFO", log_format: str | None = None) -> Non
         if log_format == "console"
         else structlog.processors.JSONRenderer()
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_severity,
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -34,6 +62,31 @@ def configure_logging(level: str = "INFO", log_format: str | None = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
+    handler = _Stdout()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                add_severity,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    # Libraries at WARNING and above (alembic's and grpc's INFO lines are start-up chatter),
+    # everything at DEBUG.
+    root.setLevel(logging.DEBUG if level == "DEBUG" else max(logging.WARNING, _level(level)))
+
+
+def _level(name: str) -> int:
+    return int(logging.getLevelName(name))
 
 
 def redact_url(url: str) -> str:

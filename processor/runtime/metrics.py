@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import platform
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -13,9 +14,12 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.metrics_core import HistogramMetricFamily
+
+from processor import version
 
 
 class BatchHistogram:
@@ -54,8 +58,17 @@ class Metrics:
     """The processor's Prometheus metrics, in a registry of its own (several per test process)."""
 
     def __init__(self) -> None:
+        # No `_created` series beside each counter and histogram: a timestamp per series that
+        # no rule or dashboard reads (process_start_time_seconds already says when it started).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
+        Gauge(
+            "mini_scan_build_info",
+            "Always 1; the labels say which mini-scan and Python this process runs",
+            ["version", "python"],
+            registry=r,
+        ).labels(version=version(), python=platform.python_version()).set(1)
         # process_start_time_seconds (the restart alert), CPU seconds and resident memory.
         ProcessCollector(registry=r)
         self.received = Counter("mini_scan_messages_received", "Messages delivered", registry=r)

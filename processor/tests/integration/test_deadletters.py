@@ -100,3 +100,29 @@ def test_oversized_copies_are_dead_lettered_once_and_acked(
     assert metric(port, "mini_scan_messages_received_total") == 2
     assert stop() == 0
     assert pipeline.dead_letters(expected=1, timeout=2) == []
+
+
+def test_a_publisher_cannot_forge_the_dead_letter_attributes(
+    emulator_host: str, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    # Given a malformed message whose publisher set the reserved attributes itself
+    pipeline = make_pipeline()
+    forged = {
+        "reason": "invalid_port",
+        "error": "forged",
+        "truncated": "true",
+        "original_sha256": "0" * 64,
+        "CloudPubSubDeadLetterSourceDeliveryCount": "20",
+    }
+    stop = pipeline.start_processor()
+    pipeline.publish([b"{not json"], origin="scanner-7", **forged)
+    # Then its dead-letter copy carries the processor's reason only, and the publisher's own
+    # attributes. Catches: the original attributes copied over unfiltered (`truncated` and the
+    # policy prefix would survive; `dlq replay` would then skip or mislabel it).
+    (letter,) = pipeline.dead_letters(expected=1, timeout=30)
+    assert letter.attributes["reason"] == "invalid_json"
+    assert letter.attributes["error"] != "forged"
+    assert letter.attributes["origin"] == "scanner-7"
+    assert not {"truncated", "original_sha256"} & set(letter.attributes)
+    assert not any(key.startswith("CloudPubSub") for key in letter.attributes)
+    assert stop() == 0

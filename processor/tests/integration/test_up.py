@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -50,6 +51,12 @@ def test_up_stores_rows_and_stops_every_child_on_sigint(tmp_path):
     # Then it exits 0, with a summary, and no child is left behind
     assert up.returncode == 0, output
     assert "stopped after" in output
+    # And its summary's counts agree: the scanner's final count, taken after it exited, is at
+    # least the rows it added (catches a count re-read from a log before the scanner's last line)
+    summary = re.search(r"published ([\d,]+), .*?\(([\d,]+)\s+new\)", output, re.S)
+    assert summary is not None, output
+    published, new_rows = (int(n.replace(",", "")) for n in summary.groups())
+    assert published >= new_rows > 0
     assert "processor-1=0" in output
     assert "processor-2=0" in output
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
