@@ -15,6 +15,7 @@ from emulator import Emulator
 from emulator.faults import Faults
 from emulator.testing import free_port, wait_until
 from processor.tests.helpers.chaos import (
+    DeliveryReport,
     SqliteWriteLock,
     Workload,
     covers,
@@ -22,6 +23,7 @@ from processor.tests.helpers.chaos import (
     pull_dead_letters,
     reaches,
     scan_workload,
+    stalls_before_reaching,
     unexpected_letters,
 )
 from processor.tests.helpers.oracle import expected_rows
@@ -30,6 +32,9 @@ from processor.tests.helpers.tcpproxy import tcp_proxy
 
 # Redelivery after a lost ack waits for the lease to run out (10-60 s, set by the client).
 CONVERGE_TIMEOUT = 90
+# The longest wait before a stream is reopened: the batch consumer's backoff cap, and the
+# client's reopen throttle (5 opens in 10 s).
+RECONNECT_WAIT_SECONDS = 10
 
 
 @pytest.fixture
@@ -162,8 +167,15 @@ def test_a_failed_dead_letter_publish_is_nacked_and_the_message_dead_lettered_la
 def test_streams_dropped_mid_drain_reconnect_and_lose_nothing(
     our_emulator: Emulator, emulator_host: str, make_pipeline: Callable[..., Pipeline]
 ) -> None:
+    """Also the bound on lateness: acks never stand still longer than a lease plus the longest
+    reconnect wait while rows are missing. With CONSUMER=client, messages the client held back
+    after a reset once stayed leased, never handed over, until the deadline (issue 21): removing
+    `_ReleasingManager.maybe_resume_consumer` brings that back (test_client_subscriber.py shows
+    it every time)."""
     port = free_port()
     pipeline = make_pipeline(metrics_port=port, batch_size=100)
+    state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+    state.start_trace()
     workload = fresh_keys(seed=24, count=6000)
     publish(pipeline, workload)
     stop = pipeline.start_processor()
@@ -175,7 +187,10 @@ def test_streams_dropped_mid_drain_reconnect_and_lose_nothing(
     # Then the client reconnects, the table reaches the oracle and the processor exits 0
     url = pipeline.settings.database_url
     expected = workload.expected_rows()
-    assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected)
+    stall = pipeline.settings.lease_seconds + RECONNECT_WAIT_SECONDS
+    problem = stalls_before_reaching(url, expected, acked, stall, CONVERGE_TIMEOUT)
+    explain = DeliveryReport(state, workload, metrics_port=port)
+    assert problem is None, f"{problem}: {describe_difference(url, expected, explain)}"
     assert stop() == 0
     assert_nothing_dead_lettered(pipeline)
 
