@@ -72,6 +72,8 @@ def test_connections_cut_and_stalled_between_processor_and_broker_lose_nothing(
     # Given a processor that reaches the broker through a proxy, busy with a first half
     pipeline = make_pipeline()
     url = pipeline.settings.database_url
+    state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+    state.start_trace()
     workload = fresh_keys(seed=21, count=4000)
     first, second = workload.messages[:2000], workload.messages[2000:]
     host, port = our_emulator.address.rsplit(":", 1)
@@ -95,19 +97,25 @@ def test_connections_cut_and_stalled_between_processor_and_broker_lose_nothing(
         proxy.restore()
         # Then the processor recovers by itself and the table reaches the oracle
         expected = workload.expected_rows()
-        assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected)
+        explain = DeliveryReport(state, workload, metrics_port=child.metrics_port)
+        assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected, explain)
         assert_nothing_dead_lettered(pipeline)
         child.signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 0, child.output()
 
 
 def test_failed_acks_and_lease_extensions_are_redelivered_and_end_at_the_oracle(
-    emulator_host: str, faults: Faults, make_pipeline: Callable[..., Pipeline]
+    our_emulator: Emulator,
+    emulator_host: str,
+    faults: Faults,
+    make_pipeline: Callable[..., Pipeline],
 ) -> None:
     # Given a processor whose first lease extensions fail (INTERNAL: the client does not retry
     # it, so those messages keep the stream's longer lease and are acked as usual)
     port = free_port()
     pipeline = make_pipeline(metrics_port=port, batch_size=100)
+    state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+    state.start_trace()
     workload = fresh_keys(seed=22, count=2000)
     first, second = workload.messages[:1000], workload.messages[1000:]
     faults.fail_next("ModifyAckDeadline", n=4, code=grpc.StatusCode.INTERNAL)
@@ -121,7 +129,8 @@ def test_failed_acks_and_lease_extensions_are_redelivered_and_end_at_the_oracle(
     publish(pipeline, workload, second)
     # Then the messages whose acks were lost come back, and the table is still the oracle
     expected = workload.expected_rows()
-    assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected)
+    explain = DeliveryReport(state, workload, metrics_port=port)
+    assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected, explain)
     assert wait_until(
         lambda: metric(port, "mini_scan_messages_received_total") > len(workload.messages),
         timeout=CONVERGE_TIMEOUT,
@@ -212,8 +221,9 @@ def test_nothing_is_acked_before_its_commit_even_if_the_processor_dies_in_a_data
     lock.begin()
     try:
         # When messages arrive while the database cannot commit
-        publish(pipeline, workload)
         state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+        state.start_trace()
+        publish(pipeline, workload)
         n = len(workload.messages)
         # Then the processor takes them all in but acks none: every one stays leased
         assert wait_until(
@@ -235,7 +245,8 @@ def test_nothing_is_acked_before_its_commit_even_if_the_processor_dies_in_a_data
     successor = spawn_processor(pipeline)
     # Then every message is stored once its lease runs out: none was acked early and lost
     expected = workload.expected_rows()
-    assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected)
+    explain = DeliveryReport(state, workload, metrics_port=successor.metrics_port)
+    assert reaches(url, expected, CONVERGE_TIMEOUT), describe_difference(url, expected, explain)
     successor.signal(signal.SIGTERM)
     assert successor.wait(timeout=30) == 0, successor.output()
     assert_nothing_dead_lettered(pipeline)
