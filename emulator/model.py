@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ UNLIMITED = 1 << 62
 # Responses stay under the client's default 4 MiB receive limit with room for framing.
 MAX_RESPONSE_BYTES = 3_500_000
 PER_MESSAGE_OVERHEAD = 64
+_stream_numbers = itertools.count(1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,6 +50,7 @@ class Stream:
         ack_deadline: int,
     ) -> None:
         self.cond = threading.Condition(lock)
+        self.number = next(_stream_numbers)  # names the stream in traces and logs
         self.client_id = client_id
         self.max_messages = max_messages
         self.max_bytes = max_bytes

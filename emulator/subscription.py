@@ -28,6 +28,7 @@ from emulator.model import (
     Stream,
     StreamRing,
 )
+from emulator.trace import DeliveryTrace
 
 Delivery = tuple[str, Any, int]
 DeadLetterSink = Callable[["SubscriptionState", list[Entry]], None]
@@ -55,6 +56,7 @@ class SubscriptionState:
         self._ack_prefix = f"{next(self._ack_prefixes)}-"
         self._ack_seq = itertools.count(1)
         self._deleted = False
+        self.trace: DeliveryTrace | None = None  # see start_trace()
 
     # -- publishing side -------------------------------------------------------------------
 
@@ -115,6 +117,10 @@ class SubscriptionState:
             return
         stream.closed, stream.close_code, stream.close_reason = True, code, reason
         self._streams.remove(stream)
+        if self.trace is not None:
+            for ack_id, e in self._leases.items():
+                if e.stream is stream:
+                    self._note(e, f"stream {stream.number} closed ({code}) with {ack_id} leased")
         stream.cond.notify_all()
         self._wake()  # a message that was this stream's turn goes to the next one
 
@@ -190,6 +196,10 @@ class SubscriptionState:
             e.stream, e.deadline, e.check_at = stream, deadline, deadline
             leases[ack_id] = e
             batch.append((ack_id, e.msg.pb, e.attempts))
+            if self.trace is not None:
+                where = f"stream {stream.number}" if stream is not None else "pull"
+                event = f"delivered {ack_id} attempt {e.attempts} on {where}"
+                self.trace.delivered(e.msg.pb.message_id, ack_id, event)
         if stream is not None:
             stream.outstanding += len(batch)
             stream.outstanding_bytes += nbytes_taken
@@ -205,8 +215,12 @@ class SubscriptionState:
             for ack_id in ack_ids:
                 e = pop(ack_id, None)
                 if e is not None:
+                    if self.trace is not None:
+                        self._note(e, f"acked {ack_id}")
                     self._end_lease(e)
                     self._release_key(e)
+                elif self.trace is not None:
+                    self.trace.ignored(ack_id, "ack")
             self._wake()
 
     def modify_deadline(self, ack_ids: Iterable[str], seconds: int) -> None:
@@ -222,7 +236,11 @@ class SubscriptionState:
             for ack_id in ack_ids:
                 e = get(ack_id)
                 if e is None:
+                    if self.trace is not None:
+                        self.trace.ignored(ack_id, f"extension by {seconds}s")
                     continue
+                if self.trace is not None:
+                    self._note(e, f"extended {ack_id} by {seconds}s")
                 e.deadline = deadline
                 if deadline < e.check_at:
                     e.check_at = deadline
@@ -237,8 +255,12 @@ class SubscriptionState:
             for ack_id in ack_ids:
                 e = pop(ack_id, None)
                 if e is not None:
+                    if self.trace is not None:
+                        self._note(e, f"nacked {ack_id}")
                     self._end_lease(e)
                     self._redeliver(e, dead)
+                elif self.trace is not None:
+                    self.trace.ignored(ack_id, "nack")
             self._wake()
         if dead:
             self._dead_letter(self, dead)
@@ -255,6 +277,8 @@ class SubscriptionState:
                     continue
                 if e.deadline <= now:
                     del self._leases[ack_id]
+                    if self.trace is not None:
+                        self._note(e, f"lease of {ack_id} ran out")
                     self._end_lease(e)
                     self._redeliver(e, dead)
                 elif e.check_at <= now:  # this was its pending check; later ones cover the rest
@@ -277,12 +301,16 @@ class SubscriptionState:
         """Put an unacked message back, after its backoff, or collect it for dead-lettering
         (keeping its ordering key busy until the forward is done)."""
         if self.policy.max_attempts and e.attempts >= self.policy.max_attempts:
+            if self.trace is not None:
+                self._note(e, "to the dead-letter topic")
             dead.append(e)
             return
         self._retry(e)
 
     def _retry(self, e: Entry) -> None:
         delay = self.policy.backoff(e.attempts)
+        if self.trace is not None:
+            self._note(e, f"redelivery after {delay:.1f}s of backoff")
         if delay <= 0:
             self._ready.appendleft(e)
         else:
@@ -333,6 +361,64 @@ class SubscriptionState:
             self._ready.clear()
             self._leases.clear()
             self._pull_cond.notify_all()
+
+    def start_trace(self) -> DeliveryTrace:
+        """Keep every message's history from now on (deliveries, extensions, acks, nacks,
+        expiries, stream ends), for tests to explain a failure with; off by default."""
+        with self._lock:
+            if self.trace is None:
+                self.trace = DeliveryTrace()
+            return self.trace
+
+    def _note(self, e: Entry, event: str) -> None:
+        assert self.trace is not None
+        self.trace.record(e.msg.pb.message_id, event)
+
+    def whereabouts(self, message_ids: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
+        """Where each message is now (ready, held behind its ordering key, leased: as which ack
+        id, on which stream, for how long; or "nowhere" once acked, dead-lettered or while in
+        backoff) with its history when traced, both read at one instant. For test diagnostics."""
+        wanted = set(message_ids)
+        now = time.monotonic()
+        found: dict[str, str] = {}
+        with self._lock:
+            for position, e in enumerate(self._ready):
+                if e.msg.pb.message_id in wanted:
+                    found[e.msg.pb.message_id] = f"ready (position {position})"
+            for key, held in self._held.items():
+                for e in held:
+                    if e.msg.pb.message_id in wanted:
+                        found[e.msg.pb.message_id] = f"held behind ordering key {key!r}"
+            for ack_id, e in self._leases.items():
+                if e.msg.pb.message_id in wanted:
+                    stream = e.stream
+                    on = "pull" if stream is None else f"stream {stream.number}"
+                    if stream is not None and stream.closed:
+                        on += " (closed)"
+                    found[e.msg.pb.message_id] = (
+                        f"leased as {ack_id} on {on}, {e.deadline - now:.1f}s left"
+                    )
+            history = self.trace.history if self.trace is not None else lambda _m: []
+            return {
+                m: (found.get(m, "nowhere: acked, in backoff or dead-lettered"), history(m))
+                for m in wanted
+            }
+
+    def describe(self) -> str:
+        """One line: ready and leased counts, leases by stream, the open streams' windows."""
+        with self._lock:
+            by_stream: defaultdict[str, int] = defaultdict(int)
+            for e in self._leases.values():
+                s = e.stream
+                name = "pull" if s is None else f"{s.number}{' (closed)' if s.closed else ''}"
+                by_stream[name] += 1
+            streams = ", ".join(
+                f"{s.number}: {s.outstanding}/{s.max_messages} outstanding" for s in self._streams
+            )
+            return (
+                f"ready {len(self._ready)}, leased {len(self._leases)} "
+                f"(by stream: {dict(by_stream)}), open streams [{streams}]"
+            )
 
     def backlog(self) -> tuple[int, int]:
         """(ready, leased) message counts, for tests and logs."""

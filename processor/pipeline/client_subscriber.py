@@ -15,6 +15,10 @@ from typing import Any
 
 import structlog
 from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
+    StreamingPullManager,
+)
+from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from processor.config import ProcessorSettings
@@ -57,11 +61,12 @@ class ClientSubscriber:
             executor = ThreadPoolExecutor(
                 self._settings.callback_threads, thread_name_prefix="pubsub-callback"
             )
-            future = self._subscriber.subscribe(
+            future = open_stream(
+                self._subscriber,
                 self._settings.subscription_path,
                 self._on_message,
-                flow_control=flow,
-                scheduler=ThreadScheduler(executor),
+                flow,
+                ThreadScheduler(executor),
             )
             future.add_done_callback(self._on_stream_end)
             self._futures.append(future)
@@ -114,3 +119,39 @@ class ClientSubscriber:
         error = future.exception()
         _log.error("stream_ended", error=first_line(error) if error else "no error")
         self.failed.set()
+
+
+class _ReleasingManager(StreamingPullManager):
+    """The client's stream manager, releasing messages it holds back whenever its load allows.
+
+    The client holds back ("on hold") what a response brings beyond its flow control, and
+    releases those messages only when the next response arrives or, while its consumer is
+    paused, when an ack lowers the load. After a stream reset the service fills the new
+    stream's window while the old stream's messages are still in hand, so messages go on hold;
+    if acks lower the load between `_on_response` holding them and its pause check, the
+    consumer is never paused, nothing releases them, and at the end of a backlog no response
+    comes: they stay leased (extended) forever. Issue 21: 580 messages extended for 190 s.
+    Releasing on every ack, paused or not, closes that gap (acks are what lower the load).
+    """
+
+    def maybe_resume_consumer(self) -> None:
+        with self._pause_resume_lock:
+            if self._scheduler is not None and self._leaser is not None:
+                self._maybe_release_messages()
+        super().maybe_resume_consumer()
+
+
+def open_stream(
+    subscriber: pubsub_v1.SubscriberClient,
+    subscription: str,
+    callback: Callable[[Any], None],
+    flow_control: pubsub_v1.types.FlowControl,
+    scheduler: ThreadScheduler | None,
+) -> StreamingPullFuture:
+    """`SubscriberClient.subscribe()`, on the manager above (the same steps it takes)."""
+    manager = _ReleasingManager(
+        subscriber, subscription, flow_control=flow_control, scheduler=scheduler
+    )
+    future = StreamingPullFuture(manager)
+    manager.open(callback=callback, on_callback_error=future.set_exception)
+    return future

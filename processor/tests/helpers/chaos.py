@@ -8,6 +8,7 @@ import itertools
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 from google.cloud import pubsub_v1
 
+from emulator.subscription import SubscriptionState
 from emulator.testing import wait_until
 from processor.schema import Observation, Reason
 from processor.storage import Repository, open_engine
 from processor.tests.helpers.oracle import Row, expected_rows, stored_rows
+from processor.tests.helpers.pipeline import metric
 from processor.tests.helpers.tcpproxy import TcpProxy, tcp_proxy
 from scanner.generator import Kind, Mix, ScanGenerator, ScanMessage
 
@@ -188,18 +191,145 @@ def reaches(url: str, expected: list[Row], timeout: float) -> bool:
     return wait_until(lambda: table_rows(url) == expected, timeout=timeout, interval=0.5)
 
 
-def describe_difference(url: str, expected: list[Row]) -> str:
-    """A short account of how the table differs from the oracle, for assertion messages."""
+Key = tuple[str, int, str]
+
+
+def stalls_before_reaching(
+    url: str, expected: list[Row], progress: Callable[[], float], stall: float, timeout: float
+) -> str | None:
+    """None once the table is the oracle; otherwise why not: `progress()` (e.g. the acked count)
+    stood still for `stall` seconds with rows still missing, or `timeout` passed."""
+    start = last_change = time.monotonic()
+    last = progress()
+    while table_rows(url) != expected:
+        now, value = time.monotonic(), progress()
+        if value != last:
+            last, last_change = value, now
+        elif now - last_change >= stall:
+            return f"no progress for {stall:.0f} s (at {last:.0f}, {now - start:.0f} s in)"
+        if now - start >= timeout:
+            return f"not there after {timeout:.0f} s"
+        time.sleep(0.5)
+    return None
+
+
+def describe_difference(
+    url: str, expected: list[Row], explain: Callable[[], Callable[[list[Key]], str]] | None = None
+) -> str:
+    """A short account of how the table differs from the oracle, for assertion messages.
+
+    With `explain` (a `DeliveryReport`), also why: its snapshot of the broker is taken before
+    the table is read, so a message it saw acked (commit comes before ack) and whose row the
+    table lacks was truly lost, not merely committed in between."""
+    account = explain() if explain is not None else None
     stored = table_rows(url)
     by_key = {row[:3]: row for row in stored}
     want = {row[:3]: row for row in expected}
     missing = [k for k in want if k not in by_key]
     extra = [k for k in by_key if k not in want]
     wrong = [(want[k], by_key[k]) for k in want if k in by_key and want[k] != by_key[k]]
-    return (
+    summary = (
         f"{len(stored)} rows vs {len(expected)} expected; missing {len(missing)} {missing[:3]}, "
         f"extra {len(extra)} {extra[:3]}, different {len(wrong)} {wrong[:2]}"
     )
+    unexplained = missing + [row[:3] for row, _ in wrong]
+    if account is None or not unexplained:
+        return summary
+    return f"{summary}\n{account(unexplained)}"
+
+
+@dataclass
+class DeliveryReport:
+    """Explains keys the table lacks from our emulator's side (after `state.start_trace()`) and
+    the processor's counters: where each of their messages is (ready, leased: on which stream,
+    for how long; nowhere) and its history (deliveries, extensions, acks, expiries, stream
+    ends). A message acked but never stored was lost; one ready, leased or in backoff is late.
+    Calling it takes the snapshot; calling the result with the keys words the account."""
+
+    state: SubscriptionState
+    workload: Workload
+    metrics_port: int | None = None
+    examples: int = 4
+
+    def __call__(self) -> Callable[[list[Key]], str]:
+        with self.workload._lock:
+            published = dict(self.workload.published)
+        snapshot = self.state.whereabouts(published)
+        subscription = self.state.describe()
+        counters = processor_counters(self.metrics_port) if self.metrics_port else None
+        trace = self.state.trace
+        clock = (
+            f"(trace clock at {trace.now()}, last ack at {trace.last_ack or 0:.2f}s"
+            f"{', trace full' if trace.full else ''})"
+            if trace
+            else ""
+        )
+
+        def account(keys: list[Key]) -> str:
+            wanted = set(keys)
+            carriers = sorted(
+                (
+                    mid
+                    for mid, m in published.items()
+                    if m.observation and m.observation.key in wanted
+                ),
+                key=lambda mid: int(mid) if mid.isdigit() else 0,
+            )
+            verdicts = {mid: _verdict(*snapshot[mid]) for mid in carriers}
+            counts = Counter(verdicts.values())
+            deliveries = Counter(
+                sum(" delivered " in event for event in snapshot[mid][1]) for mid in carriers
+            )
+            lines = [
+                f"{len(carriers)} messages carry those keys: {dict(counts.most_common())}; "
+                f"deliveries per message: {dict(sorted(deliveries.items()))}",
+                f"subscription: {subscription}",
+            ]
+            if counters is not None:
+                lines.append(f"processor: {counters}")
+            if trace is None:
+                lines.append("(no delivery history: call start_trace() before publishing)")
+            for verdict in counts:  # a few examples of each kind
+                for mid in [m for m in carriers if verdicts[m] == verdict][: self.examples]:
+                    place, history = snapshot[mid]
+                    lines.append(f"  message {mid} ({verdict}): now {place}; {_shorten(history)}")
+            lines.append(clock)
+            return "\n".join(lines)
+
+        return account
+
+
+def _shorten(history: list[str], head: int = 6, tail: int = 3) -> str:
+    if len(history) <= head + tail:
+        return "; ".join(history)
+    skipped = len(history) - head - tail
+    return "; ".join([*history[:head], f"({skipped} more)", *history[-tail:]])
+
+
+def _verdict(place: str, history: list[str]) -> str:
+    """lost (acked, never stored), late (ready, leased, in backoff), or dead-lettered."""
+    if place.startswith("leased"):
+        return "late: leased on a closed stream" if "(closed)" in place else "late: leased"
+    if not place.startswith("nowhere"):
+        return f"late: {place.split(' (', 1)[0]}"
+    last = history[-1] if history else ""
+    if "acked" in last and "ignored" not in last:
+        return "lost: acked"
+    if "redelivery after" in last:
+        return "late: in backoff"
+    if "dead-letter" in last:
+        return "dead-lettered"
+    return "unknown: no history"
+
+
+def processor_counters(metrics_port: int) -> dict[str, float]:
+    """The processor's message counters, what it holds now and its stream reconnects."""
+    names = ("received", "acked", "nacked", "dead_lettered")
+    counters = {n: metric(metrics_port, f"mini_scan_messages_{n}_total") for n in names}
+    return counters | {
+        "held": metric(metrics_port, "mini_scan_messages_held"),
+        "reconnects": metric(metrics_port, "mini_scan_stream_reconnects_total"),
+    }
 
 
 # --- dead letters ---------------------------------------------------------------------------
