@@ -10,7 +10,6 @@ The engine-backed checks of the same files are in test_compose.py.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import shutil
 import subprocess
@@ -23,13 +22,13 @@ import pytest
 from pydantic_settings import BaseSettings
 from ruamel.yaml import YAML
 
+from emulator.testing import IN_CI
 from processor import config
 from processor.cli import COMMANDS
 from processor.tests.helpers import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 OUR_IMAGE = "${MINI_SCAN_IMAGE:-mini-scan:local}"
 LOOPBACK = "${PUBLISH_ADDRESS:-127.0.0.1}:"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"

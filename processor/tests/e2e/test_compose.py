@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from emulator.testing import wait_until
+from emulator.testing import IN_CI, wait_until
 from processor.tests.helpers.chaos import (
     covers,
     describe_difference,
@@ -48,7 +48,6 @@ from processor.tests.helpers.compose import (
 # their stacks one after another.
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(600), pytest.mark.xdist_group("compose")]
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROCESSORS = 5
 FOREIGN_UID = 4242  # owns the database a host user left in ./data before the stack started
 DLQ_SUBSCRIPTION = "projects/test-project/subscriptions/scan-dlq-sub"
