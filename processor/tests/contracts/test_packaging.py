@@ -130,6 +130,30 @@ def test_every_variable_compose_sets_is_a_setting(our_services) -> None:
         assert not unknown, f"{name} sets variables no settings class reads: {sorted(unknown)}"
 
 
+# The processor container's own wiring, not the user's to change: the emulator's address in the
+# compose network, JSON logs, and the metrics address its port mapping and healthcheck use.
+COMPOSE_WIRING = {"PUBSUB_EMULATOR_HOST", "LOG_FORMAT", "METRICS_HOST", "METRICS_PORT"}
+
+
+def test_the_processor_container_sets_its_wiring(our_services) -> None:
+    assert our_services["processor"]["environment"].keys() >= COMPOSE_WIRING
+
+
+@pytest.mark.parametrize(
+    "name", sorted(set(config.ProcessorSettings.model_fields) - {v.lower() for v in COMPOSE_WIRING})
+)
+def test_compose_passes_every_processor_setting_from_the_host(our_services, name: str) -> None:
+    variable, field = name.upper(), config.ProcessorSettings.model_fields[name]
+    environment = our_services["processor"]["environment"]
+
+    assert variable in environment, f"{variable} does not reach the processor container"
+    match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(environment[variable]))
+    assert match, f"{variable}: {environment[variable]!r} is not taken from the host"
+    assert match[1] == variable
+    if variable != "DATABASE_URL":  # the container's default lives in its data volume
+        assert type(field.default)(match[2]) == field.default, f"{variable}'s default differs"
+
+
 def test_services_share_one_pubsub_and_database_configuration(our_services) -> None:
     for name in ("setup", "scanner", "processor"):
         env = our_services[name]["environment"]
