@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from emulator.testing import IN_CI
 from processor.storage import database_url, migrate, open_engine
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

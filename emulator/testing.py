@@ -19,9 +19,13 @@ OFFICIAL_EMULATOR = Path(
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
 )
 
+# CI=true: a test that needs an external part (PostgreSQL, Docker, promtool, Google's emulator)
+# fails when it is missing instead of skipping.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
 
 class OfficialEmulatorUnavailable(RuntimeError):
-    """Google's emulator is not installed (or Java is missing); tests turn this into a skip."""
+    """Google's emulator is not installed (or Java is missing), or it did not start."""
 
 
 def wait_until(
@@ -106,6 +110,24 @@ def official_emulator(startup_timeout: float = 60.0) -> Iterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             log.close()
+
+
+@contextlib.contextmanager
+def official_emulator_for_tests() -> Iterator[str]:
+    """Google's emulator for a test fixture. Like every external part of the suite, a missing
+    or broken one skips the test locally and fails it when CI=true (.ci/run checks that the
+    emulator is installed)."""
+    import pytest  # only tests call this
+
+    try:
+        with official_emulator() as host:
+            yield host
+            return
+    except OfficialEmulatorUnavailable as exc:
+        problem = str(exc)
+    if IN_CI:
+        pytest.fail(f"{problem} (CI=true: Google's emulator tests must run)")
+    pytest.skip(problem)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from google.api_core import exceptions
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.publisher import PublisherClient as GapicPublisherClient
 
-from emulator.testing import OfficialEmulatorUnavailable, official_emulator, wait_until
+from emulator.testing import official_emulator_for_tests, wait_until
 from emulator.tests.helpers import Collector
 
 PubsubMessage = pubsub_v1.types.PubsubMessage
@@ -24,11 +24,8 @@ pytestmark = pytest.mark.official_emulator
 
 @pytest.fixture(scope="module")
 def official_address() -> Iterator[str]:
-    try:
-        with official_emulator() as address:
-            yield address
-    except OfficialEmulatorUnavailable as exc:
-        pytest.skip(str(exc))
+    with official_emulator_for_tests() as address:  # skips locally when missing, fails in CI
+        yield address
 
 
 def _scenario(address: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

@@ -62,9 +62,10 @@ def bootstrap(
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)
 
 
-def run(settings: ProcessorSettings, stop: threading.Event) -> int:
-    """Run until `stop` is set (or a stream fails); the process's exit code."""
-    metrics = Metrics()
+def run(settings: ProcessorSettings, stop: threading.Event, metrics: Metrics | None = None) -> int:
+    """Run until `stop` is set (or a stream fails); the process's exit code. Tests pass
+    `metrics` to read them without a metrics server."""
+    metrics = metrics or Metrics()
     processor: Processor | None = None
     health = None
     if settings.metrics_port:

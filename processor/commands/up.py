@@ -129,11 +129,13 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _environment(settings: UpSettings, host: str) -> dict[str, str]:
+    """The children's environment: the caller's (so `CONSUMER=client mini-scan up` runs the
+    client consumer, and every other setting reaches them too), with up's own flags on top."""
     names = set(PubSubSettings.model_fields) | set(DatabaseSettings.model_fields)
     values = {
         k.upper(): str(v) for k, v in settings.model_dump(include=names).items() if v is not None
     }
-    return values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
+    return dict(os.environ) | values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
 
 
 def _spawn_all(

@@ -82,7 +82,11 @@ class Processor:
         self._writer.start()
         self._source.start()
         self._metrics.database_up.set(1)
-        _log.info("streams_open", streams=self._settings.streams, consumer=self._settings.consumer)
+        # Named after the source actually built, not the setting: tests read it to know which
+        # consumer ran.
+        consumer = "client" if isinstance(self._source, ClientSubscriber) else "batch"
+        self._metrics.consumer.labels(consumer=consumer).set(1)
+        _log.info("streams_open", streams=self._settings.streams, consumer=consumer)
         return self
 
     def handle(self, deliveries: list[Received]) -> None:

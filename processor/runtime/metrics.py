@@ -132,6 +132,12 @@ class Metrics:
         self.ready = Gauge(
             "mini_scan_ready", "1 when streams are open and the database up", registry=r
         )
+        self.consumer = Gauge(
+            "mini_scan_consumer_info",
+            "1 for the consumer that delivers this processor's messages (batch or client)",
+            ["consumer"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic_settings import BaseSettings
 
+from emulator.testing import IN_CI
 from processor.cli import COMMANDS
 from processor.config import DatabaseSettings, ProcessorSettings, PubSubSettings, SetupSettings
 from processor.runtime.health import HealthServer
@@ -426,7 +426,6 @@ def test_every_container_has_requests_and_limits(overlay: str):
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "mini-scan.json"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
 # Pub/Sub's Cloud Monitoring metrics as prometheus-community/stackdriver_exporter names them
 # (stackdriver_<resource type>_<metric type>; README of the exporter), labelled subscription_id.

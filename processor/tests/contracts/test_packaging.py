@@ -10,7 +10,6 @@ The engine-backed checks of the same files are in test_compose.py.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import shutil
 import subprocess
@@ -23,13 +22,13 @@ import pytest
 from pydantic_settings import BaseSettings
 from ruamel.yaml import YAML
 
+from emulator.testing import IN_CI
 from processor import config
 from processor.cli import COMMANDS
 from processor.tests.helpers import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 OUR_IMAGE = "${MINI_SCAN_IMAGE:-mini-scan:local}"
 LOOPBACK = "${PUBLISH_ADDRESS:-127.0.0.1}:"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -129,6 +128,30 @@ def test_every_variable_compose_sets_is_a_setting(our_services) -> None:
     for name, service in our_services.items():
         unknown = set(service.get("environment", {})) - known
         assert not unknown, f"{name} sets variables no settings class reads: {sorted(unknown)}"
+
+
+# The processor container's own wiring, not the user's to change: the emulator's address in the
+# compose network, JSON logs, and the metrics address its port mapping and healthcheck use.
+COMPOSE_WIRING = {"PUBSUB_EMULATOR_HOST", "LOG_FORMAT", "METRICS_HOST", "METRICS_PORT"}
+
+
+def test_the_processor_container_sets_its_wiring(our_services) -> None:
+    assert our_services["processor"]["environment"].keys() >= COMPOSE_WIRING
+
+
+@pytest.mark.parametrize(
+    "name", sorted(set(config.ProcessorSettings.model_fields) - {v.lower() for v in COMPOSE_WIRING})
+)
+def test_compose_passes_every_processor_setting_from_the_host(our_services, name: str) -> None:
+    variable, field = name.upper(), config.ProcessorSettings.model_fields[name]
+    environment = our_services["processor"]["environment"]
+
+    assert variable in environment, f"{variable} does not reach the processor container"
+    match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(environment[variable]))
+    assert match, f"{variable}: {environment[variable]!r} is not taken from the host"
+    assert match[1] == variable
+    if variable != "DATABASE_URL":  # the container's default lives in its data volume
+        assert type(field.default)(match[2]) == field.default, f"{variable}'s default differs"
 
 
 def test_services_share_one_pubsub_and_database_configuration(our_services) -> None:

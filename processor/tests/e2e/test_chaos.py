@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from processor.tests.helpers.chaos import (
+    REPEATS_PER_KILL,
     ProxyCut,
     SqliteWriteLock,
     Workload,
@@ -27,6 +28,7 @@ from processor.tests.helpers.chaos import (
     publish_paced,
     pull_dead_letters,
     reaches,
+    repeated_letters,
     scan_workload,
     unexpected_letters,
 )
@@ -133,7 +135,10 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
         letters = pull_dead_letters(
             pipeline.settings.dead_letter_subscription_path, covers(dead), timeout=60
         )
-        assert unexpected_letters(letters, dead) == {}, replay
+        assert unexpected_letters(letters, dead, repeats=True) == {}, replay
+        repeats = repeated_letters(letters)
+        print(f"{repeats} dead letters repeated")
+        assert repeats <= REPEATS_PER_KILL * fleet.killed, replay
         assert set(dead) <= {m.attributes["source_message_id"] for m in letters}, replay
         # And the processors still running stop cleanly on SIGTERM
         for child in fleet.running:

@@ -25,11 +25,13 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from emulator.testing import wait_until
+from emulator.testing import IN_CI, wait_until
 from processor.tests.helpers.chaos import (
+    REPEATS_PER_KILL,
     covers,
     describe_difference,
     pull_dead_letters,
+    repeated_letters,
     table_rows,
     unexpected_letters,
 )
@@ -48,7 +50,6 @@ from processor.tests.helpers.compose import (
 # their stacks one after another.
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(600), pytest.mark.xdist_group("compose")]
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROCESSORS = 5
 FOREIGN_UID = 4242  # owns the database a host user left in ./data before the stack started
 DLQ_SUBSCRIPTION = "projects/test-project/subscriptions/scan-dlq-sub"
@@ -321,7 +322,9 @@ def seeded(trickle: ScaledRun) -> ScaledRun:
     prefix = victim.removeprefix(f"{stack.name}-")  # how `docker compose logs` names it
     before = trickle.batches_before_burst.get(prefix, 0)
     scanner = run_scanner(stack, *SCAN)
-    wait_until(lambda: processor_batches(stack).get(prefix, 0) > before, timeout=60, interval=0.2)
+    assert wait_until(
+        lambda: processor_batches(stack).get(prefix, 0) > before, timeout=60, interval=0.2
+    ), f"{victim} committed nothing of the run before it was to be killed"
     # `docker compose kill` has no --index: one replica is killed by its container's name.
     subprocess.run(["docker", "kill", "--signal", "KILL", victim], check=True, timeout=60)
     trickle.killed, trickle.killed_at = victim, container_time(victim, "FinishedAt")
@@ -415,7 +418,9 @@ class TestFiveScaledProcessors:
 
         assert len(expected) > 200
         assert set(expected) <= {letter.attributes["source_message_id"] for letter in letters}
-        assert unexpected_letters(letters, expected) == {}
+        # One processor was SIGKILLed: a few of its dead letters may come twice, no more
+        assert unexpected_letters(letters, expected, repeats=True) == {}
+        assert repeated_letters(letters) <= REPEATS_PER_KILL
 
     def test_at_a_trickle_each_of_the_five_processors_gets_a_fair_share(
         self, trickle: ScaledRun

@@ -367,12 +367,12 @@ def pull_dead_letters(
     return received
 
 
-def reasons_by_source(letters: list[Any]) -> dict[str, set[str]]:
-    """source message id -> every reason it was dead-lettered with (normally one)."""
-    found: dict[str, set[str]] = {}
+def reasons_by_source(letters: list[Any]) -> dict[str, list[str]]:
+    """source message id -> the reason of each of its dead letters (normally exactly one)."""
+    found: dict[str, list[str]] = {}
     for letter in letters:
         source = letter.attributes.get("source_message_id", f"<no source: {letter.message_id}>")
-        found.setdefault(source, set()).add(letter.attributes.get("reason", "<no reason>"))
+        found.setdefault(source, []).append(letter.attributes.get("reason", "<no reason>"))
     return found
 
 
@@ -381,13 +381,28 @@ def covers(expected: dict[str, str]) -> Callable[[list[Any]], bool]:
     return lambda letters: set(expected) <= set(reasons_by_source(letters))
 
 
-def unexpected_letters(letters: list[Any], expected: dict[str, str]) -> dict[str, set[str]]:
-    """Dead letters that are not the expected message with its expected reason."""
+def unexpected_letters(
+    letters: list[Any], expected: dict[str, str], repeats: bool = False
+) -> dict[str, list[str]]:
+    """Dead letters that are not the expected message with its expected reason, once. With
+    `repeats`, where processors were SIGKILLed, the same letter may come more than once (a kill
+    between a dead letter's confirmation and its ack sends it again: at-least-once)."""
     return {
         source: reasons
         for source, reasons in reasons_by_source(letters).items()
-        if source not in expected or reasons != {expected[source]}
+        if source not in expected
+        or (set(reasons) != {expected[source]} if repeats else reasons != [expected[source]])
     }
+
+
+# A SIGKILL can repeat only the dead letters confirmed in the moment before it whose acks had
+# not left yet: a handful per kill. Far more means dead letters are sent twice without one.
+REPEATS_PER_KILL = 10
+
+
+def repeated_letters(letters: list[Any]) -> int:
+    """Dead letters beyond the first of their source message."""
+    return sum(len(reasons) - 1 for reasons in reasons_by_source(letters).values())
 
 
 STORAGE_REJECTED = str(Reason.STORAGE_REJECTED)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from google.pubsub_v1 import types as pubsub_types
 
+from emulator import Emulator
 from emulator.testing import free_port, wait_until
 from processor.pipeline.deadletter import MAX_ATTRIBUTES, MAX_REQUEST_BYTES, fit
 from processor.tests.helpers.pipeline import Pipeline, metric
@@ -70,7 +71,7 @@ def test_a_message_with_100_attributes_keeps_its_reason_and_says_how_many_were_d
 
 
 def test_oversized_copies_are_dead_lettered_once_and_acked(
-    emulator_host: str, make_pipeline: Callable[..., Pipeline]
+    our_emulator: Emulator, emulator_host: str, make_pipeline: Callable[..., Pipeline]
 ) -> None:
     # Given a rejected message as large as Pub/Sub accepts, and one with 100 attributes
     port = free_port()
@@ -95,7 +96,9 @@ def test_oversized_copies_are_dead_lettered_once_and_acked(
     assert large.attributes["original_size"] == str(len(big))
     assert large.attributes["original_sha256"] == hashlib.sha256(big).hexdigest()
     assert big.startswith(large.data)
-    assert wait_until(lambda: metric(port, "mini_scan_messages_acked_total") == 2, timeout=10)
+    # The acks reached Pub/Sub: nothing left leased or ready on the subscription
+    assert wait_until(lambda: pipeline.backlog(our_emulator) == (0, 0), timeout=10)
+    assert metric(port, "mini_scan_messages_acked_total") == 2
     assert metric(port, "mini_scan_messages_nacked_total") == 0
     assert metric(port, "mini_scan_messages_received_total") == 2
     assert stop() == 0

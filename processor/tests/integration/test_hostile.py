@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from emulator.testing import free_port, wait_until
@@ -106,8 +106,8 @@ def test_arbitrary_json_decodes_or_is_rejected_with_a_documented_reason(
 ) -> None:
     try:
         raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
-    except ValueError:  # deeply nested beyond the json module's own limit
-        return
+    except ValueError:  # deeply nested beyond the json module's own limit: not an example
+        assume(False)
     assert_decoded_or_rejected(raw)
 
 

@@ -18,6 +18,7 @@ from processor.config import SetupSettings
 from processor.storage import database_url
 from processor.tests.helpers.oracle import expected_rows, stored_rows
 from processor.tests.helpers.pipeline import (
+    metric,
     observations,
     publish_observations,
     reaches_oracle,
@@ -36,18 +37,33 @@ def busy_processor(make_pipeline, spawn_processor, seed: int):
 
 
 def test_sigterm_mid_stream_exits_0_in_the_grace_period_and_acks_nothing_uncommitted(
-    emulator_host, make_pipeline, spawn_processor
+    our_emulator, emulator_host, make_pipeline, spawn_processor
 ):
-    # Given a processor busy with a backlog of unique keys (any lost message is a missing row)
-    pipeline, items, child = busy_processor(make_pipeline, spawn_processor, seed=11)
-    # When it gets SIGTERM mid-stream
+    """Kills: shutdown not flushing what is held (`Processor.shutdown` handing it back instead),
+    and acks of the flushed batch not sent before the streams close."""
+    # Given a processor holding messages of a backlog of unique keys (any lost message is a
+    # missing row), none committed yet: its batches flush at 10,000 messages or after a minute
+    pipeline = make_pipeline()
+    items = [o._replace(port=i) for i, o in enumerate(observations(6000, keys=250, seed=11))]
+    publish_observations(pipeline, items)
+    child = spawn_processor(pipeline, BATCH_SIZE="10000", BATCH_MAX_WAIT_MS="60000")
+    child.wait_ready()
+    received = lambda: metric(child.metrics_port, "mini_scan_messages_received_total")  # noqa: E731
+    assert wait_until(lambda: received() >= 1000, timeout=30), child.output()
+    assert pipeline.rows() == []
+    # When it gets SIGTERM
     child.signal(signal.SIGTERM)
     started = time.monotonic()
-    # Then it exits 0 within the grace period, having flushed what it held
-    assert child.wait(timeout=15) == 0, child.output()
-    assert time.monotonic() - started < 10
+    # Then it exits 0 within its grace period (10 s; compose and Kubernetes kill at 15 s),
+    # having committed what it held
+    assert child.wait(timeout=20) == 0, child.output()
+    assert time.monotonic() - started < 10 + 5
     assert any(e["event"] == "shutdown_complete" and e["flushed"] for e in child.events())
-    assert len(pipeline.rows()) < len(items)  # it really stopped mid-stream
+    stored = len(pipeline.rows())
+    assert 1000 <= stored < len(items)
+    # And acked exactly those: the emulator still has every other message, and only those
+    ready, leased = pipeline.backlog(our_emulator)
+    assert ready + leased == len(items) - stored
     # And another processor drains the rest to exactly the oracle
     stop = pipeline.start_processor()
     assert reaches_oracle(pipeline, items, timeout=60)

@@ -56,8 +56,10 @@ def test_duplicated_and_out_of_order_deliveries_end_at_the_oracle(any_emulator_h
 
 
 def test_every_rejection_lands_on_the_dead_letter_topic_with_its_reason(
-    emulator_host, make_pipeline
+    our_emulator, emulator_host, make_pipeline
 ):
+    """Kills: no ack after a confirmed dead letter (`_dead_letter_settled`), a dead letter sent
+    twice, a reason lost."""
     # Given each kind of bad input, each between two good messages
     pipeline = make_pipeline(max_message_bytes=CATALOGUE_MAX_BYTES)
     good = observations(2 * len(BAD_INPUTS) + 2, keys=250, seed=4)
@@ -79,13 +81,20 @@ def test_every_rejection_lands_on_the_dead_letter_topic_with_its_reason(
         assert letter.attributes["source_subscription"] == pipeline.settings.subscription_path
         assert letter.attributes["source_message_id"]
     assert reaches_oracle(pipeline, good)
+    # And each was acked: the emulator holds nothing for the subscription while the processor
+    # still runs (unacked, the lease keeper would extend them until shutdown handed them back)
+    assert wait_until(lambda: pipeline.backlog(our_emulator) == (0, 0), timeout=10), (
+        pipeline.backlog(our_emulator)
+    )
     assert stop() == 0
     assert pipeline.dead_letters(expected=1, timeout=1) == []  # dead-lettered once, not looped
 
 
 def test_a_row_the_database_refuses_is_dead_lettered_alone(
-    emulator_host, make_pipeline, postgres_url
+    our_emulator, emulator_host, make_pipeline, postgres_url
 ):
+    """Kills: the refused row's batch not split (`refusals.py`), the culprit not dead-lettered
+    or not acked (`Processor.committed`)."""
     # Given a constraint one row of a batch breaks (as a migration could add); the decoder admits
     # only values both databases can store, so it takes a constraint to refuse one
     engine = open_engine(postgres_url)
@@ -109,7 +118,63 @@ def test_a_row_the_database_refuses_is_dead_lettered_alone(
     ]
     assert "no_poison" in letters[0].attributes["error"]
     assert reaches_oracle(pipeline, good)
+    assert wait_until(lambda: pipeline.backlog(our_emulator) == (0, 0), timeout=10)
     assert stop() == 0
+    assert pipeline.dead_letters(expected=1, timeout=1) == []
+
+
+def test_nothing_is_acked_while_its_commit_waits(
+    our_emulator, emulator_host, make_pipeline, postgres_url
+):
+    """Kills an ack sent after the batch's statement but before its COMMIT returned (e.g.
+    `upsert_many` reporting success while the commit is still under way): the stall here is
+    at COMMIT itself, after the statement ran, unlike a write lock that stalls the statement."""
+    # Given a table whose commits wait for a lock the test holds: a deferred constraint
+    # trigger runs at COMMIT and takes the lock there
+    key = random.randrange(2**31)
+    engine = open_engine(postgres_url)
+    migrate(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"PERFORM pg_advisory_lock_shared({key}); PERFORM pg_advisory_unlock_shared({key}); "
+            "RETURN NULL; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT OR UPDATE ON services "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit()"
+        )
+    pipeline = make_pipeline(database_url=postgres_url)
+    items = observations(50, keys=50, seed=10)
+    with engine.connect() as holder:
+        holder.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+        # When a batch's statement has run and its COMMIT waits
+        stop = pipeline.start_processor()
+        publish_observations(pipeline, items)
+        assert wait_until(lambda: _waiting_commits(engine) >= 1, timeout=20)
+        # Then none of its messages is acked: all still leased or ready in the emulator
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # an invariant held over time
+            ready, leased = pipeline.backlog(our_emulator)
+            assert ready + leased == len(items), f"{len(items) - ready - leased} acked early"
+            time.sleep(0.2)
+        assert pipeline.rows() == []
+        holder.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+        holder.commit()
+    # And once the commit completes, everything is stored and acked
+    assert reaches_oracle(pipeline, items)
+    assert wait_until(lambda: pipeline.backlog(our_emulator) == (0, 0), timeout=10)
+    assert stop() == 0
+    engine.dispose()
+
+
+def _waiting_commits(engine) -> int:
+    """Sessions of this database whose COMMIT waits on an advisory lock."""
+    with engine.connect() as connection:
+        return connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event = 'advisory' AND upper(query) = 'COMMIT'"
+        ).scalar_one()
 
 
 def test_a_database_outage_loses_nothing_and_dead_letters_nothing(

@@ -21,8 +21,10 @@ from emulator.testing import free_port, wait_until
 from processor.pipeline.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
 from processor.pipeline.messages import Received
 from processor.runtime.metrics import Metrics
+from processor.schema import Observation
 from processor.tests.helpers.chaos import SqliteWriteLock
 from processor.tests.helpers.pipeline import (
+    NOW,
     Pipeline,
     http_get,
     metric,
@@ -100,6 +102,8 @@ def test_a_stream_the_service_keeps_ending_is_reopened_with_backoff_under_one_cl
 def test_while_the_database_is_stalled_no_more_than_the_flow_control_limit_is_taken(
     emulator_host: str, make_pipeline: Callable[..., Pipeline]
 ) -> None:
+    # (This bound is also the per-stream flow control the emulator enforces: what it guards is
+    # that the processor asks for it. The processor's own gate is the next test's subject.)
     # Given a processor allowed 50 unacked messages per stream, on 2 streams
     port = free_port()
     pipeline = make_pipeline(metrics_port=port, streams=2, max_messages=50, batch_size=20)
@@ -218,3 +222,40 @@ def test_decoded_responses_count_toward_the_byte_limit_until_released() -> None:
     leases.ack([message])  # queued for a sender thread this test does not start
     waiter.join(timeout=5)
     assert not waiter.is_alive()
+
+
+@batch_only  # the client library's flow control weighs raw bytes only
+def test_the_processor_gate_counts_decoded_sizes_where_the_stream_would_deliver_more(
+    our_emulator: Emulator, emulator_host: str, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    """Kills: `Leases.wait_for_room` not waiting, and `Processor.handle` not weighing large
+    decoded responses. The emulator's cap counts raw bytes and would deliver 7 of the 8."""
+    # Given one stream allowed 1 MiB, and responses of 100,001 characters that take 400 kB
+    # (one character outside Latin-1 makes CPython store the whole string at 4 bytes a char)
+    port = free_port()
+    pipeline = make_pipeline(metrics_port=port, streams=1, max_bytes=1024 * 1024)
+    stop = pipeline.start_processor()
+    assert wait_until(lambda: http_get(port, "/readyz")[0] == 200, timeout=20)
+    lock = SqliteWriteLock(pipeline.settings.database_url.removeprefix("sqlite:///"))
+    lock.begin()
+    try:
+        # When 8 such messages (v1: 133 kB base64) arrive while nothing can be committed, the
+        # first two one at a time (each delivered before the next, so each a response of its own)
+        wide = "a" * 100_000 + "\U0001f600"
+        items = [Observation(f"1.2.3.{i}", 80, "HTTP", NOW, wide) for i in range(8)]
+        received = lambda: metric(port, "mini_scan_messages_received_total")  # noqa: E731
+        for n, item in enumerate(items[:2], start=1):
+            publish_observations(pipeline, [item])
+            assert wait_until(lambda n=n: received() == n, timeout=10)
+        publish_observations(pipeline, items[2:])
+        # Then the processor, holding 1.07 MB weighed (270 kB raw), takes no more
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # an invariant held over time
+            assert received() == 2
+            time.sleep(0.2)
+    finally:
+        lock.end()
+        lock.close()
+    # And everything is stored once the database is back
+    assert reaches_oracle(pipeline, items, timeout=60)
+    assert stop() == 0

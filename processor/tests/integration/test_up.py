@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -26,13 +27,14 @@ def count_rows(path) -> int:
 
 
 def test_up_stores_rows_and_stops_every_child_on_sigint(tmp_path):
-    # Given `mini-scan up` with its own emulator and a database in the test's directory
+    # Given `mini-scan up` with its own emulator and a database in the test's directory, asked
+    # through the environment for the client consumer (not the default)
     database = tmp_path / "data" / "scan_results.db"
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
     up = subprocess.Popen(
         [sys.executable, "-m", "processor.cli", "up", "--processors", "2", "--rate", "200"],
         cwd=tmp_path,
-        env=env | {"DATABASE_URL": f"sqlite:///{database}"},
+        env=env | {"DATABASE_URL": f"sqlite:///{database}", "CONSUMER": "client"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -60,7 +62,11 @@ def test_up_stores_rows_and_stops_every_child_on_sigint(tmp_path):
     assert "processor-1=0" in output
     assert "processor-2=0" in output
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert (tmp_path / "data" / "logs" / "processor-1.log").exists()
+    # And the caller's settings reached the processors: they ran the client consumer
+    for name in ("processor-1", "processor-2"):
+        log = (tmp_path / "data" / "logs" / f"{name}.log").read_text()
+        opened = [json.loads(line) for line in log.splitlines() if '"streams_open"' in line]
+        assert [event["consumer"] for event in opened] == ["client"], log[-2000:]
 
 
 def start_up(tmp_path: Path, *flags: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
