@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,15 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 def preload(count: int, name: str) -> str:
     """A fresh topic and subscription holding `count` messages from the scanner's generator
     (the reference distribution), published in batches; returns the subscription."""
+    return publish(reference_messages(count), name)
+
+
+def publish(messages: Iterable[ScanMessage], name: str) -> str:
+    """A fresh topic and subscription holding `messages`, published in batches; returns the
+    subscription (a backlog for a child of `run_child` to drain)."""
     topic, subscription = fresh_subscription(name)
     publisher = BatchPublisher(pubsub_v1.PublisherClient(), topic, on_confirmed=lambda *_: None)
-    for body in reference_messages(count):
+    for body in messages:
         publisher.publish(body)
     publisher.close()
     if publisher.failed:
