@@ -147,12 +147,17 @@ class SQLiteTable:
             connection.close()
 
 
+_DATABASES: list[str] = []  # one per PostgreSQL variant in this run
+
+
 class PostgresTable:
     name = "postgresql"
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, variant: str = "", setup: str = "") -> None:
+        self.name = f"postgresql ({variant})" if variant else "postgresql"
         self.server = open_engine(server_url)
-        self.database = f"mini_scan_growth_{os.getpid()}"
+        self.database = f"mini_scan_growth_{os.getpid()}_{len(_DATABASES)}"
+        _DATABASES.append(self.database)
         with self.server.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql(
                 f"CREATE DATABASE {self.database} ENCODING 'UTF8' TEMPLATE template0"
@@ -160,6 +165,8 @@ class PostgresTable:
         self.url = sa.make_url(server_url).set(database=self.database).render_as_string(False)
         self.engine = open_engine(self.url)
         migrate(self.engine)
+        for statement in filter(None, setup.format(database=self.database).split(";")):
+            self._autocommit(statement)
 
     def preload(self, low: int, high: int, stamp: dt.datetime) -> None:
         with self.engine.begin() as connection:
@@ -329,7 +336,7 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
     for column in columns:
         table.add_column(column, justify="right")
     for r in results:
-        pg = r["database"] == "postgresql"
+        pg = r["database"].startswith("postgresql")
         table.add_row(
             f"{r['rows']:,}",
             r["path"],
@@ -354,10 +361,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     figure, axes = pyplot.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, kind in zip(axes, PATHS, strict=True):
-        for database, marker in (("sqlite", "o"), ("postgresql", "s")):
+        databases = dict.fromkeys(r["database"] for r in results)
+        for database, marker in zip(databases, "os^vD<>", strict=False):
             points = [r for r in results if r["path"] == kind and r["database"] == database]
-            if not points:
-                continue
             xs = [r["size"] / 1e6 for r in points]
             axis.plot(xs, [r["rate"] for r in points], marker=marker, label=database)
             for x, r in zip(xs, points, strict=True):
@@ -387,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100_000, help="messages per drain")
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--postgres", default=os.environ.get("TEST_DATABASE_URL", DEFAULT_POSTGRES))
+    parser.add_argument(
+        "--postgres-variant",
+        action="append",
+        default=[],
+        metavar="NAME=SQL",
+        help="also measure PostgreSQL in a database set up with SQL after migrating "
+        "('{database}' names it), e.g. \"lz4=ALTER DATABASE {database} SET wal_compression=lz4\"",
+    )
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--max-messages", type=int, default=1000, help="flow control per stream")
     parser.add_argument("--out", default="docs/img/growth.png", help="the plot; data beside it")
@@ -398,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with emulator_process() as address:
         os.environ["PUBSUB_EMULATOR_HOST"] = address
-        for name in args.databases.split(","):
+        plan = [(name, "", "") for name in args.databases.split(",")]
+        plan += [("postgresql", *variant.partition("=")[::2]) for variant in args.postgres_variant]
+        for name, label, setup in plan:
             if name == "sqlite":
                 table: Any = SQLiteTable(Path(tempfile.mkdtemp(prefix="mini-scan-growth-")))
             else:
-                table = PostgresTable(args.postgres)
+                table = PostgresTable(args.postgres, label, setup)
             try:
                 results += measure(table, args, console)
             finally:
