@@ -326,6 +326,8 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
         "database",
         "msg/s",
         "ratio",
+        "CPU µs/msg",
+        "RSS MB",
         "table B/row",
         "index B/row",
         "WAL B/msg",
@@ -343,6 +345,8 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
             r["database"],
             f"{r['rate']:,.0f}",
             f"{r['ratio']:.2f}",
+            f"{r['cpu'] / r['messages'] * 1e6:.0f}",
+            f"{r['rss_mb']:.0f}",
             f"{r['table_bytes_per_row']:.0f}",
             f"{r['index_bytes_per_row']:.0f}",
             f"{r['wal_bytes_per_msg']:,.0f}" if pg else "",
@@ -369,6 +373,8 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
             for x, r in zip(xs, points, strict=True):
                 axis.annotate(
                     f"{r['ratio']:.2f}",
+            f"{r['cpu'] / r['messages'] * 1e6:.0f}",
+            f"{r['rss_mb']:.0f}",
                     (x, r["rate"]),
                     textcoords="offset points",
                     xytext=(4, 6),
