@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import sys
@@ -257,7 +258,12 @@ def drain(table: Any, path: str, slots: list[int], args: argparse.Namespace) -> 
     rng = random.Random(len(slots) * 7 + len(path))
     subscription = publish(backlog(slots, int(time.time()), rng), f"growth-{table.name}-{path}")
     before = table.before_drain()
+    # The child's writes to storage (SQLite writes from inside the processor; PostgreSQL's
+    # server does its own, counted as WAL instead).
+    written = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     result = run_child("processor", subscription, len(slots), table.url, args)
+    written = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - written
+    result["written_bytes_per_msg"] = written * 512 / result["messages"]
     result.update(table.after_drain(before, result["messages"]))
     result["rate"] = result["messages"] / result["seconds"]
     return result
@@ -330,6 +336,7 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
         "RSS MB",
         "table B/row",
         "index B/row",
+        "written B/msg",
         "WAL B/msg",
         "blocks read/msg",
         "HOT share",
@@ -349,6 +356,7 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
             f"{r['rss_mb']:.0f}",
             f"{r['table_bytes_per_row']:.0f}",
             f"{r['index_bytes_per_row']:.0f}",
+            f"{r['written_bytes_per_msg']:,.0f}" if not pg else "",
             f"{r['wal_bytes_per_msg']:,.0f}" if pg else "",
             f"{r['blocks_read_per_msg']:.2f}" if pg else "",
             f"{r['hot_update_share']:.0%}" if pg and r["path"] == "update" else "",
@@ -373,8 +381,8 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
             for x, r in zip(xs, points, strict=True):
                 axis.annotate(
                     f"{r['ratio']:.2f}",
-            f"{r['cpu'] / r['messages'] * 1e6:.0f}",
-            f"{r['rss_mb']:.0f}",
+                    f"{r['cpu'] / r['messages'] * 1e6:.0f}",
+                    f"{r['rss_mb']:.0f}",
                     (x, r["rate"]),
                     textcoords="offset points",
                     xytext=(4, 6),
