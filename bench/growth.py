@@ -401,6 +401,28 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def replot(args: argparse.Namespace) -> int:
+    """One table and plot from saved runs: each database's rows keep their own run's ratios."""
+    console = Console(width=160)
+    wanted = args.databases.split(",")
+    results, titles = [], []
+    for path in args.replot:
+        saved = json.loads(Path(path).read_text())
+        kept = [r for r in saved["results"] if r["database"].split(" (")[0] in wanted]
+        wanted = [name for name in wanted if name not in {r["database"] for r in kept}]
+        results += kept
+        titles.append(f"{', '.join(dict.fromkeys(r['database'] for r in kept))}: {saved['title']}")
+    title = "\n".join(titles)
+    print_table(results, console, title)
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(
+        json.dumps({"title": title, "argv": sys.argv[1:], "results": results}, indent=1)
+    )
+    plot(results, out, title)
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0,1000000,5000000,20000000")
@@ -418,13 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--max-messages", type=int, default=1000, help="flow control per stream")
     parser.add_argument("--out", default="docs/img/growth.png", help="the plot; data beside it")
+    parser.add_argument(
+        "--replot",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: merge the results of earlier runs (the databases named in "
+        "--databases, with their variants) into one table and plot",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args)
     args.sizes = sorted(int(size) for size in args.sizes.split(","))
 
     console = Console(width=160)
     started = dt.datetime.now(dt.UTC)
     results: list[dict[str, Any]] = []
-    with emulator_process() as address:
+    with emulator_process(startup_timeout=120) as address:  # a busy machine starts it slowly
         os.environ["PUBSUB_EMULATOR_HOST"] = address
         plan = [(name, "", "") for name in args.databases.split(",")]
         plan += [("postgresql", *variant.partition("=")[::2]) for variant in args.postgres_variant]
