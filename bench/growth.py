@@ -269,8 +269,11 @@ def drain(table: Any, path: str, slots: list[int], args: argparse.Namespace) -> 
     return result
 
 
-def measure(table: Any, args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
-    """Every size and both paths on one database, growing one table."""
+def measure(
+    table: Any, args: argparse.Namespace, console: Console, earlier: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every size and both paths on one database, growing one table; every result is saved
+    as soon as it is measured (with the `earlier` ones), so a stopped run keeps what it did."""
     rng = random.Random(19)
     stamp = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=PRELOADED_AGE_S)
     used: set[int] = set()
@@ -310,7 +313,15 @@ def measure(table: Any, args: argparse.Namespace, console: Console) -> list[dict
                 f"(load {result['load']:.2f})"
             )
             results.append(result)
+            save(earlier + results, args, "partial: " + " ".join(sys.argv[1:]))
     return results
+
+
+def save(results: list[dict[str, Any]], args: argparse.Namespace, title: str) -> None:
+    out = Path(args.out).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"title": title, "argv": sys.argv[1:], "results": results}
+    out.write_text(json.dumps(document, indent=1))
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -415,9 +426,7 @@ def replot(args: argparse.Namespace) -> int:
     title = "\n".join(titles)
     print_table(results, console, title)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(
-        json.dumps({"title": title, "argv": sys.argv[1:], "results": results}, indent=1)
-    )
+    save(results, args, title)
     plot(results, out, title)
     console.print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 table = PostgresTable(args.postgres, label, setup)
             try:
-                results += measure(table, args, console)
+                results += measure(table, args, console, results)
             finally:
                 table.drop()
     with_ratios(results)
@@ -476,10 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(results, console, title)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"title": title, "argv": argv or sys.argv[1:], "results": results}, indent=1)
-    )
+    save(results, args, title)
     plot(results, out, title)
     console.print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
