@@ -168,6 +168,7 @@ class PostgresTable:
         migrate(self.engine)
         for statement in filter(None, setup.format(database=self.database).split(";")):
             self._autocommit(statement)
+        self.engine.dispose()  # sessions opened from now on see the database's new settings
 
     def preload(self, low: int, high: int, stamp: dt.datetime) -> None:
         with self.engine.begin() as connection:
