@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import sqlite3
@@ -257,7 +258,8 @@ def new_slots(count: int, stored: int, used: set[int], rng: random.Random) -> li
 
 def drain(table: Any, path: str, slots: list[int], args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(len(slots) * 7 + len(path))
-    subscription = publish(backlog(slots, int(time.time()), rng), f"growth-{table.name}-{path}")
+    topic = re.sub(r"[^A-Za-z0-9]+", "-", f"growth {table.name} {path}")  # a variant's label
+    subscription = publish(backlog(slots, int(time.time()), rng), topic)
     before = table.before_drain()
     # The child's writes to storage (SQLite writes from inside the processor; PostgreSQL's
     # server does its own, counted as WAL instead).
