@@ -370,7 +370,7 @@ def print_table(results: list[dict[str, Any]], console: Console, title: str) -> 
             f"{r['rss_mb']:.0f}",
             f"{r['table_bytes_per_row']:.0f}",
             f"{r['index_bytes_per_row']:.0f}",
-            f"{r['written_bytes_per_msg']:,.0f}" if not pg else "",
+            f"{r['written_bytes_per_msg']:,.0f}" if "written_bytes_per_msg" in r and not pg else "",
             f"{r['wal_bytes_per_msg']:,.0f}" if pg else "",
             f"{r['blocks_read_per_msg']:.2f}" if pg else "",
             f"{r['hot_update_share']:.0%}" if pg and r["path"] == "update" else "",
@@ -394,9 +394,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
             axis.plot(xs, [r["rate"] for r in points], marker=marker, label=database)
             for x, r in zip(xs, points, strict=True):
                 axis.annotate(
-                    f"{r['ratio']:.2f}",
-                    f"{r['cpu'] / r['messages'] * 1e6:.0f}",
-                    f"{r['rss_mb']:.0f}",
+                    f"{r['ratio']:.2f} (load {r['load']:.0f})",  # the machine's share in it
                     (x, r["rate"]),
                     textcoords="offset points",
                     xytext=(4, 6),
@@ -422,7 +420,7 @@ def replot(args: argparse.Namespace) -> int:
     results, titles = [], []
     for path in args.replot:
         saved = json.loads(Path(path).read_text())
-        kept = [r for r in saved["results"] if r["database"].split(" (")[0] in wanted]
+        kept = with_ratios([r for r in saved["results"] if r["database"] in wanted])
         wanted = [name for name in wanted if name not in {r["database"] for r in kept}]
         results += kept
         titles.append(f"{', '.join(dict.fromkeys(r['database'] for r in kept))}: {saved['title']}")
@@ -456,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         "--replot",
         nargs="+",
         metavar="JSON",
-        help="measure nothing: merge the results of earlier runs (the databases named in "
-        "--databases, with their variants) into one table and plot",
+        help="measure nothing: merge earlier runs into one table and plot, each database "
+        "named in --databases (variants by their full name) from the first file holding it",
     )
     args = parser.parse_args(argv)
     if args.replot:
