@@ -36,6 +36,8 @@ class Service(Base):
     """One row per unique `(ip, port, service)`: a contract other tools read."""
 
     __tablename__ = "services"
+    # Room on each heap page for updated rows (migration 0002).
+    __table_args__ = {"postgresql_with": {"fillfactor": 90}}
 
     ip: Mapped[str] = mapped_column(sa.String(45), primary_key=True)
     port: Mapped[int] = mapped_column(sa.Integer, primary_key=True)

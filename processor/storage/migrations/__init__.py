@@ -29,8 +29,9 @@ def unsuitable(engine: Engine) -> str | None:
     )
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision; safe when many processes start at once."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest Alembic revision (or `revision`, for tests of a
+    migration); safe when many processes start at once."""
     from alembic import command  # imported here: half a second of start-up, needed once
     from alembic.config import Config
 
@@ -44,4 +45,4 @@ def migrate(engine: Engine) -> None:
             lock = sa.text("SELECT pg_advisory_xact_lock(:id)")
             connection.execute(lock, {"id": _MIGRATION_LOCK_ID})
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)

@@ -185,8 +185,43 @@ def test_five_processes_migrating_a_fresh_database_at_once_all_succeed(any_datab
     engine = open_engine(any_database_url)
     with engine.connect() as connection:
         versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    assert versions == [("0001",)]
+    assert versions == [("0002",)]
     assert len(Repository(engine).rows()) == 1
+    engine.dispose()
+
+
+def test_migrating_a_populated_0001_table_keeps_its_rows_and_its_merge_rule(
+    any_database_url: str,
+):
+    """Catches a 0002 that rebuilds or loses rows, or that does not set the fillfactor."""
+    # Given a table at revision 0001 holding rows
+    engine = open_engine(any_database_url)
+    migrate(engine, "0001")
+    repository = Repository(engine)
+    stored = [
+        Observation(f"10.0.{i // 256}.{i % 256}", 80, "HTTP", 1_700_000_000 + i, f"r{i}")
+        for i in range(3000)
+    ]
+    repository.upsert_many(stored)
+
+    # When it is brought to the newest revision
+    migrate(engine)
+
+    # Then every row is as it was, at the newest revision; PostgreSQL keeps room on its pages
+    assert stored_rows(repository.rows()) == expected_rows(stored)
+    with engine.connect() as connection:
+        versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        if engine.dialect.name == "postgresql":
+            options = connection.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = 'services'"
+            ).scalar()
+            assert options == ["fillfactor=90"]
+    assert versions == [("0002",)]
+    # And the merge rule holds on the migrated table: newer wins, older only moves first_seen
+    newer = stored[0]._replace(timestamp=1_800_000_000, response="newer")
+    older = stored[1]._replace(timestamp=1_600_000_000, response="older")
+    assert repository.upsert_many([newer, older]) == UpsertResult(0, 2, 0)
+    assert stored_rows(repository.rows()) == expected_rows([*stored, newer, older])
     engine.dispose()
 
 
