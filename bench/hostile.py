@@ -189,7 +189,7 @@ def run_floor(
     label: str, names: dict[str, str], bodies: list[bytes], args: argparse.Namespace
 ) -> dict[str, object]:
     publisher = pubsub_v1.PublisherClient()
-    topic = f"projects/{SetupSettings().pubsub_project_id}/topics/{names['pubsub_topic']}"
+    topic = f"projects/{SetupSettings().project}/topics/{names['pubsub_topic']}"
     for future in [publisher.publish(topic, data) for data in bodies]:
         future.result(timeout=120)
     started = time.monotonic()
@@ -339,7 +339,7 @@ def measure(
     os.environ.update(extra_env)  # spawn_processor passes this process's environment on
     engine = open_engine(url)
     publisher = pubsub_v1.PublisherClient()
-    topic = f"projects/{SetupSettings().pubsub_project_id}/topics/{names['pubsub_topic']}"
+    topic = f"projects/{SetupSettings().project}/topics/{names['pubsub_topic']}"
     env_text = " ".join(f"{k}={v}" for k, v in extra_env.items()) or "defaults"
     console.print(
         f"a fresh processor a shape ({env_text}), {streams} streams, {per_shape} hostile messages"

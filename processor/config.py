@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.errors import ConfigError
@@ -64,12 +64,15 @@ class PubSubSettings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _project(self) -> PubSubSettings:
+    @property
+    def project(self) -> str:
+        """PUBSUB_PROJECT_ID, or `default_project`'s answer, looked up when a Pub/Sub name is
+        first needed: a command that never names one (datadir, a flag error) asks no
+        credentials."""
         if self.pubsub_project_id is None:
             host = self.pubsub_emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
             self.pubsub_project_id = default_project(host)
-        return self
+        return self.pubsub_project_id
 
     def apply_emulator_host(self) -> None:
         """The Google client reads PUBSUB_EMULATOR_HOST itself: a flag must reach it too."""
@@ -78,20 +81,20 @@ class PubSubSettings(BaseSettings):
 
     @property
     def topic_path(self) -> str:
-        return f"projects/{self.pubsub_project_id}/topics/{self.pubsub_topic}"
+        return f"projects/{self.project}/topics/{self.pubsub_topic}"
 
     @property
     def subscription_path(self) -> str:
-        return f"projects/{self.pubsub_project_id}/subscriptions/{self.pubsub_subscription}"
+        return f"projects/{self.project}/subscriptions/{self.pubsub_subscription}"
 
     @property
     def dead_letter_topic_path(self) -> str:
-        return f"projects/{self.pubsub_project_id}/topics/{self.pubsub_dead_letter_topic}"
+        return f"projects/{self.project}/topics/{self.pubsub_dead_letter_topic}"
 
     @property
     def dead_letter_subscription_path(self) -> str:
         name = self.pubsub_dead_letter_subscription
-        return f"projects/{self.pubsub_project_id}/subscriptions/{name}"
+        return f"projects/{self.project}/subscriptions/{name}"
 
 
 def default_project(emulator_host: str | None) -> str:
@@ -106,7 +109,7 @@ def default_project(emulator_host: str | None) -> str:
 
     _, project = google.auth.default()
     if not project:
-        raise ValueError("no Google Cloud project: set PUBSUB_PROJECT_ID or GOOGLE_CLOUD_PROJECT")
+        raise ConfigError("no Google Cloud project: set PUBSUB_PROJECT_ID or GOOGLE_CLOUD_PROJECT")
     return str(project)
 
 

@@ -140,7 +140,7 @@ def test_a_subscription_with_message_ordering_is_consumed_to_the_oracle(
     ordered = unique("scan-sub-ordered")
     pubsub_v1.SubscriberClient().create_subscription(
         request={
-            "name": f"projects/{pipeline.settings.pubsub_project_id}/subscriptions/{ordered}",
+            "name": f"projects/{pipeline.settings.project}/subscriptions/{ordered}",
             "topic": pipeline.settings.topic_path,
             "enable_message_ordering": True,
         }

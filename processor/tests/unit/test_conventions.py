@@ -88,12 +88,12 @@ def test_the_project_is_the_setting_then_google_cloud_project(no_project) -> Non
     no_project.setenv("GOOGLE_CLOUD_PROJECT", "real-project")
     assert PubSubSettings().topic_path == "projects/real-project/topics/scan-topic"
     no_project.setenv("PUBSUB_PROJECT_ID", "chosen")
-    assert PubSubSettings().pubsub_project_id == "chosen"
+    assert PubSubSettings().project == "chosen"
 
 
 def test_with_an_emulator_and_nothing_set_the_project_is_test_project(no_project) -> None:
     no_project.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
-    assert PubSubSettings().pubsub_project_id == "test-project"
+    assert PubSubSettings().project == "test-project"
 
 
 def test_on_real_pubsub_the_project_comes_from_the_credentials(no_project, tmp_path) -> None:
@@ -120,11 +120,11 @@ def test_on_real_pubsub_the_project_comes_from_the_credentials(no_project, tmp_p
     path.write_text(json.dumps(account))
     no_project.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
 
-    assert PubSubSettings().pubsub_project_id == "from-credentials"
+    assert PubSubSettings().project == "from-credentials"
 
 
 def test_up_starts_its_own_emulator_so_needs_no_credentials_for_a_project(no_project) -> None:
     from processor.commands.up import UpSettings
 
     no_project.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/account.json")
-    assert UpSettings().pubsub_project_id == "test-project"
+    assert UpSettings().project == "test-project"
