@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from emulator.testing import IN_CI
 from processor.storage import database_url, migrate, open_engine
+from processor.storage.migrations import drop_schema
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -50,9 +51,7 @@ def postgres_server_url() -> Iterator[str]:
 
 def _reset(url: str) -> None:
     engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS services")
-        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    drop_schema(engine)
     engine.dispose()
 
 

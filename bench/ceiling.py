@@ -34,6 +34,7 @@ from rich.table import Table
 from bench.pipeline import batches, observations
 from processor.schema import Observation
 from processor.storage import Repository, migrate, open_engine
+from processor.storage.migrations import drop_schema
 
 BATCH = 500
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/mini_scan_bench"
@@ -74,9 +75,7 @@ def writer_main(url: str, rows: list[Observation], start: object, results: objec
 
 def reset(url: str) -> None:
     engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS services")
-        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    drop_schema(engine)
     migrate(engine)
     engine.dispose()
 

@@ -531,11 +531,10 @@ def _peak_rss_mb() -> float:
 
 def _reset_postgres(url: str) -> None:
     from processor.storage import open_engine
+    from processor.storage.migrations import drop_schema
 
     engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS services")
-        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    drop_schema(engine)
     engine.dispose()
 
 

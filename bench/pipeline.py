@@ -24,6 +24,7 @@ from rich.table import Table
 
 from processor.schema import Observation, decode, encode
 from processor.storage import Repository, migrate, open_engine
+from processor.storage.migrations import drop_schema
 
 BATCH_SIZES = (1, 100, 500, 2000)
 RAW_INSERT = (
@@ -65,9 +66,7 @@ def raw_rows(obs: Sequence[Observation]) -> list[tuple]:
 
 def bench_repository(url: str, obs: list[Observation], size: int) -> float:
     engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP TABLE IF EXISTS services")
-        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    drop_schema(engine)
     migrate(engine)
     repository = Repository(engine)
     parts = batches(obs, size)

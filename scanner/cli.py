@@ -15,11 +15,12 @@ from typing import IO
 import structlog
 from google.cloud import pubsub_v1
 
+from processor.commands import run_command
 from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
 from processor.errors import ConfigError
 from processor.stopping import Stopped, stop_on_signals
 from scanner.generator import MAX_KEYS, Mix, ScanGenerator, ScanMessage
-from scanner.publisher import BatchPublisher, PubSubUnreachable, TopicMissing, check_topic
+from scanner.publisher import BatchPublisher, check_topic
 
 _log = structlog.get_logger("scanner")
 
@@ -106,17 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the scanner; 0 after --count messages or a SIGINT/SIGTERM, all confirmed."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(build_parser(), _scan, argv)
+
+
+def _scan(args: argparse.Namespace) -> int:
+    settings = load(PubSubSettings, args)
     try:
-        settings = load(PubSubSettings, args)
         mix = Mix(args.duplicates, args.out_of_order, args.malformed)
-    except (ConfigError, ValueError) as exc:
-        print(f"mini-scan scan: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.keys is not None and args.keys > MAX_KEYS:
-        print(f"mini-scan scan: error: --keys is above {MAX_KEYS} keys", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--keys is above {MAX_KEYS} keys")
     _configure_logging(settings)
     settings.apply_emulator_host()
     now = (lambda: args.base_timestamp) if args.base_timestamp is not None else _wall_clock
@@ -132,9 +133,6 @@ def _run(settings: PubSubSettings, generator: ScanGenerator, args: argparse.Name
         except Stopped as exc:  # a stop is this command's normal end, before the first message too
             _log.info("scanner_stopped", reason=str(exc))
             return 0
-        except (TopicMissing, PubSubUnreachable) as exc:
-            print(f"mini-scan scan: error: {exc}", file=sys.stderr)
-            return 1
         tally = _Tally(args.log)
         publisher = BatchPublisher(client, settings.topic_path, on_confirmed=tally.confirmed)
         _log.info("scanner_started", topic=settings.topic_path, rate=args.rate, count=args.count)
