@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from rich.table import Table
 from emulator.testing import emulator_process, free_port, wait_until
 from processor.commands.setup import ensure_resources
 from processor.config import SetupSettings
+from processor.runtime.metrics import scrape
 from processor.schema import Observation
 from processor.storage import Repository, open_engine
 
@@ -84,17 +84,7 @@ def _level(line: bytes) -> str:
 
 def metrics(port: int) -> dict[str, float]:
     """Every sample on a processor's /metrics, by its full name with labels."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            body = response.read().decode()
-    except OSError:
-        return {}
-    samples = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return scrape(port)
 
 
 def lag_p50(before: dict[str, float], after: dict[str, float]) -> float | None:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from processor.config import (
 )
 from processor.errors import ConfigError, QueryError, StartupError, first_line
 from processor.runtime.logs import redact_url
+from processor.runtime.metrics import scrape
 from processor.stopping import Stopped, stop_on_signals
 
 _CHILD_GRACE = 15.0  # a processor's own grace is 10 s
@@ -274,17 +274,11 @@ class _View:
 
 def _scrape(port: int) -> dict[str, float]:
     """Metric samples from a processor's /metrics (labels summed), or {} if it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
-            body = response.read().decode()
-    except OSError:
-        return {}
-    samples: dict[str, float] = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.split("{", 1)[0].split(" ", 1)[0], line.rsplit(" ", 1)[1]
-            samples[name] = samples.get(name, 0.0) + float(value)
-    return samples
+    totals: dict[str, float] = {}
+    for sample, value in scrape(port, timeout=1).items():
+        name = sample.split("{", 1)[0]
+        totals[name] = totals.get(name, 0.0) + value
+    return totals
 
 
 def _scanner_confirmed(log: Path) -> int:

@@ -6,6 +6,7 @@ import bisect
 import itertools
 import platform
 import threading
+import urllib.request
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
@@ -141,3 +142,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, keyed as written: `name` or
+    `name{label="value"}`."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> dict[str, float]:
+    """A processor's /metrics on this machine, parsed; {} when nothing answers."""
+    try:
+        url = f"http://{host}:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return parse_samples(response.read().decode())
+    except OSError:
+        return {}

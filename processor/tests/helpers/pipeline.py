@@ -30,7 +30,7 @@ from emulator.testing import (
 )
 from processor.commands.process import run
 from processor.config import ProcessorSettings
-from processor.runtime.metrics import Metrics
+from processor.runtime.metrics import Metrics, scrape
 from processor.runtime.pubsub import subscriber_client
 from processor.schema import Observation
 from processor.storage import Repository, open_engine
@@ -144,11 +144,10 @@ def metric(port: int, name: str) -> float:
     """The value of one sample on /metrics; NaN when the sample is absent or nothing answers,
     so that no comparison (`== 0` included) passes on a renamed metric or a dead server, while
     `wait_until` keeps polling."""
-    _, body = http_get(port, "/metrics")
-    for line in body.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return math.nan
+    samples = scrape(port)
+    if name in samples:
+        return samples[name]
+    return next((value for key, value in samples.items() if key.startswith(name + "{")), math.nan)
 
 
 def consumers_used(metrics: Metrics) -> list[str]:
