@@ -90,19 +90,22 @@ def test_a_postgres_database_needs_no_preparing() -> None:
 
 @as_root
 def test_where_it_may_not_change_modes_it_says_what_to_run(tmp_path) -> None:
-    # As an unprivileged user, as under a rootless engine or on a root-squashing NFS mount.
+    # As root without capabilities, on files another user owns: as under a rootless engine or on
+    # a root-squashing NFS mount. Still uid 0, so the checkout stays readable even in a private
+    # (0700) directory, which another uid could not import from.
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv (util-linux) is not installed")
-    tmp_path.chmod(0o755)
     database = tmp_path / "data" / "scan_results.db"
     database.parent.mkdir(mode=0o755)
     database.write_bytes(b"")
-    drop = [setpriv, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups"]
+    for path in (database.parent, database):
+        os.chown(path, OTHER_UID, OTHER_UID)
+    drop = [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
 
     result = datadir(f"sqlite:///{database}", *drop)
 
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1
     assert f"cannot make {database.parent} writable" in result.stderr
     assert "sudo chmod -R a+rwX" in result.stderr
