@@ -28,7 +28,7 @@ from processor.commands import run_command
 from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
 from processor.errors import PubSubError, first_line
 from processor.runtime.logs import excerpt
-from processor.runtime.pubsub import subscriber_client
+from processor.runtime.pubsub import ack_id_chunks, subscriber_client
 from processor.stopping import Stopped, stop_on_signals
 
 # Attributes added by the processor's dead-lettering and by Pub/Sub's dead-letter policy.
@@ -82,11 +82,11 @@ def read_dead_letters(
 def hand_back(
     subscriber: pubsub_v1.SubscriberClient, subscription: str, ack_ids: list[str]
 ) -> None:
-    for start in range(0, len(ack_ids), 1000):
+    for chunk in ack_id_chunks(ack_ids):
         subscriber.modify_ack_deadline(
             request={
                 "subscription": subscription,
-                "ack_ids": ack_ids[start : start + 1000],
+                "ack_ids": chunk,
                 "ack_deadline_seconds": 0,
             }
         )
@@ -140,11 +140,11 @@ def replay(
     for m, future in zip(chosen, futures, strict=True):
         ok = future.done() and future.exception() is None
         (confirmed if ok else failed).append(m.ack_id)
-    for start in range(0, len(confirmed), 1000):
+    for chunk in ack_id_chunks(confirmed):
         subscriber.acknowledge(
             request={
                 "subscription": settings.dead_letter_subscription_path,
-                "ack_ids": confirmed[start : start + 1000],
+                "ack_ids": chunk,
             }
         )
     if stop.is_set():
