@@ -183,12 +183,13 @@ def http_get(port: int, path: str) -> tuple[int, str]:
 
 
 def metric(port: int, name: str) -> float:
-    """The value of one sample on /metrics (0 when absent)."""
+    """The value of one sample on /metrics (0 when absent); a name without labels sums every
+    labelled series of it (`mini_scan_stream_reconnects_total` over its causes)."""
     _, body = http_get(port, "/metrics")
-    for line in body.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    prefixes = (name + " ",) if "{" in name else (name + " ", name + "{")
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(prefixes)
+    )
 
 
 class ProcessorProcess:
