@@ -334,6 +334,11 @@ class SubscriptionState:
             self._leases.clear()
             self._pull_cond.notify_all()
 
+    def delivered_before(self) -> int:
+        """Ready messages that were delivered before (handed back, or their lease ran out)."""
+        with self._lock:
+            return sum(1 for e in self._ready if e.attempts)
+
     def backlog(self) -> tuple[int, int]:
         """(ready, leased) message counts, for tests and logs."""
         with self._lock:
