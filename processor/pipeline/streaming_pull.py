@@ -100,10 +100,12 @@ class StreamingPull:
         self._watch.start()
 
     def pause(self) -> None:
+        """Close the streams, within 5 s in all; what is held stays leased."""
+        deadline = time.monotonic() + 5.0
         for stream in self._streams:
             stream.stop()
         for stream in self._streams:
-            stream.join(5.0)
+            stream.join(max(0.1, deadline - time.monotonic()))
 
     def resume(self) -> None:
         self._streams = [self._new_stream() for _ in self._streams]
