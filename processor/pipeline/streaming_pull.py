@@ -209,8 +209,9 @@ class _Stream:
         self._thread.join(timeout)
 
     def alive(self) -> bool:
-        """The reader runs, or ended as it should (stopped, or a failure reported)."""
-        return self._thread.is_alive() or self._stop.is_set() or self._ended
+        """The reader runs, is about to, or ended as it should (stopped, a failure reported)."""
+        thread = self._thread
+        return thread.ident is None or thread.is_alive() or self._stop.is_set() or self._ended
 
     def recycle(self, cause: str) -> None:
         """Close the stream (not the reader): it reopens at once, counted under `cause`."""
