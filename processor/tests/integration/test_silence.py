@@ -214,3 +214,45 @@ def test_a_dead_ack_sender_makes_healthz_fail(
     publish(pipeline, workload, workload.messages)
     assert wait_until(lambda: http_get(port, "/healthz")[0] == 503, timeout=20)
     stop()
+
+
+def test_a_pause_in_a_long_outage_keeps_the_retried_batch_leased_and_acks_it_after(
+    our_emulator: Emulator, emulator_host: str, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    """Catches a pause that ends the lease machinery (CONSUMER=client closed the library's):
+    the batch the writer retries lapses while paused, and its acks after the commit are lost."""
+    # Given a processor whose messages may wait 2 s for their commit, with 10 s leases
+    port = free_port()
+    pipeline = make_pipeline(
+        metrics_port=port, max_lease_seconds=2, lease_seconds=10, batch_size=50
+    )
+    url = pipeline.settings.database_url
+    workload = scan_workload(66, 350, keys=None, duplicates=0.0, out_of_order=0.0, malformed=0)
+    first, second = workload.messages[:50], workload.messages[50:]
+    stop = pipeline.start_processor()
+    publish(pipeline, workload, first)
+    assert wait_until(lambda: metric(port, "mini_scan_messages_acked_total") >= 50, 30)
+    state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+    lock = SqliteWriteLock(url.removeprefix("sqlite:///"))
+    try:
+        # When the database is away long enough for the streams to pause, for two leases
+        lock.begin()
+        publish(pipeline, workload, second)
+        assert wait_until(lambda: metric(port, "mini_scan_streams_paused") == 1, timeout=30)
+        kept = metric(port, "mini_scan_messages_held")
+        assert kept > 0
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:  # an invariant held over time
+            # Then the batch it keeps stays leased to it the whole time
+            assert state.backlog()[1] >= kept, "the kept batch's leases lapsed"
+            time.sleep(0.5)
+    finally:
+        lock.end()
+        lock.close()
+    # And once it commits, its acks arrive: nothing is left leased or delivered twice
+    expected = workload.expected_rows()
+    assert reaches(url, expected, 60), describe_difference(url, expected)
+    assert wait_until(lambda: state.backlog() == (0, 0), timeout=30)
+    assert not wait_until(lambda: state.delivered_before() > 0, timeout=12)
+    assert stop() == 0
+    assert_nothing_dead_lettered(pipeline)
