@@ -62,8 +62,10 @@ class StreamWatch:
         self._thread.start()
 
     def stop(self) -> None:
+        # Not waiting out a probe under way (up to PROBE_SECONDS): a stop has a grace period
+        # to keep, and a probe's message handed back too late only comes back with its lease.
         self._stop.set()
-        self._thread.join(PROBE_SECONDS + 1.0)
+        self._thread.join(0.5)
 
     def alive(self) -> bool:
         return self._stop.is_set() or self._thread.is_alive()
