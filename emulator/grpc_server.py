@@ -92,12 +92,14 @@ def _streaming(broker: Broker, faults: Faults, registry: StreamRegistry) -> Call
     def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         # Faults strike after the first request is read, as a real server failure would: failing
         # before it makes the client see the error twice (send and receive side) and reopen twice.
+        epoch = faults.stream_epoch()
         return serve_stream(
             broker,
             registry,
             requests,
             context,
             on_first=lambda first: _apply_fault(faults, "StreamingPull", first, context),
+            silenced=lambda: faults.silenced(epoch),
         )
 
     return handle

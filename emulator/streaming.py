@@ -24,8 +24,9 @@ from emulator.subscription import Delivery, SubscriptionState
 
 _log = structlog.get_logger(__name__)
 
-# How long the sender sleeps between liveness checks when nothing is ready to deliver.
-_IDLE_WAIT_SECONDS = 30.0
+# How long the sender waits for messages between checks that its stream is alive and not
+# silenced (a fault); the wait ends at once when a message is ready.
+_SILENCE_CHECK_SECONDS = 1.0
 _stream_ids = itertools.count(1)
 
 
@@ -64,6 +65,7 @@ def serve_stream(
     requests: Iterator[Any],
     context: grpc.ServicerContext,
     on_first: Callable[[Any], None] = lambda _first: None,
+    silenced: Callable[[], bool] = lambda: False,
 ) -> Iterator[Any]:
     """The StreamingPull handler body; never ends with OK, which the client treats as fatal."""
     first = next(requests, None)
@@ -92,22 +94,33 @@ def serve_stream(
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     reader = threading.Thread(
         target=_read,
-        args=(state, stream, requests),
+        args=(state, stream, requests, silenced),
         daemon=True,
         name=f"emulator-stream-reader-{next(_stream_ids)}",
     )
     registry.add(reader)
     reader.start()
-    yield from _send(state, stream, ordered, context)
+    yield from _send(state, stream, ordered, context, silenced)
     context.abort(grpc.StatusCode[stream.close_code], stream.close_reason or "Stream closed.")
 
 
 def _send(
-    state: SubscriptionState, stream: Stream, ordered: bool, context: grpc.ServicerContext
+    state: SubscriptionState,
+    stream: Stream,
+    ordered: bool,
+    context: grpc.ServicerContext,
+    silenced: Callable[[], bool],
 ) -> Iterator[Any]:
     while context.is_active():
-        batch = state.take(stream, UNLIMITED, _IDLE_WAIT_SECONDS)
+        batch = [] if silenced() else state.take(stream, UNLIMITED, _SILENCE_CHECK_SECONDS)
         if batch is None:
+            return
+        if silenced():  # a fault: what it took goes back (it never left), then nothing more
+            if batch:
+                state.modify_deadline([ack_id for ack_id, _, _ in batch], 0)
+            _log.info("stream_silenced", client_id=stream.client_id)
+            while context.is_active():
+                threading.Event().wait(_SILENCE_CHECK_SECONDS)
             return
         if batch:
             yield _response(batch, ordered, state.policy.max_attempts > 0)
@@ -126,10 +139,16 @@ def _response(batch: list[Delivery], ordered: bool, with_attempt: bool) -> Any:
     return resp
 
 
-def _read(state: SubscriptionState, stream: Stream, requests: Iterator[Any]) -> None:
+def _read(
+    state: SubscriptionState,
+    stream: Stream,
+    requests: Iterator[Any],
+    silenced: Callable[[], bool],
+) -> None:
     try:
         for request in requests:
-            _apply(state, stream, request)
+            if not silenced():
+                _apply(state, stream, request)
     except InvalidArgument as exc:
         state.close_stream(stream, exc.code, str(exc))
         return

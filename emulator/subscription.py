@@ -420,6 +420,11 @@ class SubscriptionState:
                 f"(by stream: {dict(by_stream)}), open streams [{streams}]"
             )
 
+    def delivered_before(self) -> int:
+        """Ready messages that were delivered before (handed back, or their lease ran out)."""
+        with self._lock:
+            return sum(1 for e in self._ready if e.attempts)
+
     def backlog(self) -> tuple[int, int]:
         """(ready, leased) message counts, for tests and logs."""
         with self._lock:

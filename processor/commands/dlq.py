@@ -33,7 +33,7 @@ from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
 from processor.errors import ConfigError, PubSubError, first_line
 from processor.pipeline.deadletter import POLICY_PREFIX, is_reserved
 from processor.runtime.logs import excerpt
-from processor.runtime.pubsub import subscriber_client
+from processor.runtime.pubsub import ack_id_chunks, subscriber_client
 from processor.stopping import Stopped, stop_on_signals
 
 MAX_DEAD_LETTER_BYTES = 10_000_000  # the largest message Pub/Sub accepts
@@ -92,12 +92,11 @@ def read_dead_letters(
 def hand_back(
     subscriber: pubsub_v1.SubscriberClient, subscription: str, ack_ids: Sequence[str] | set[str]
 ) -> None:
-    ack_ids = list(ack_ids)
-    for start in range(0, len(ack_ids), 1000):
+    for chunk in ack_id_chunks(list(ack_ids)):
         subscriber.modify_ack_deadline(
             request={
                 "subscription": subscription,
-                "ack_ids": ack_ids[start : start + 1000],
+                "ack_ids": chunk,
                 "ack_deadline_seconds": 0,
             }
         )
@@ -285,10 +284,8 @@ def _replay(
         if args.dry_run or not chosen:
             return
         confirmed, failed = republish(publisher, settings.topic_path, chosen, stop)
-        for start in range(0, len(confirmed), 1000):
-            subscriber.acknowledge(
-                request={"subscription": subscription, "ack_ids": confirmed[start : start + 1000]}
-            )
+        for chunk in ack_id_chunks(confirmed):
+            subscriber.acknowledge(request={"subscription": subscription, "ack_ids": chunk})
         leased.difference_update(confirmed)
         tally["replayed"] += len(confirmed)
         tally["failed"] += len(failed)

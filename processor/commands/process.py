@@ -21,7 +21,7 @@ from processor.runtime.dependencies import wait_for
 from processor.runtime.health import HealthServer
 from processor.runtime.logs import configure_logging, redact_url
 from processor.runtime.metrics import Metrics
-from processor.runtime.pubsub import subscriber_client
+from processor.runtime.pubsub import publisher_client, subscriber_client
 from processor.stopping import Stopped, stop_on_signals
 from processor.storage import Repository, migrate, open_engine, unsuitable
 
@@ -34,7 +34,7 @@ def bootstrap(
     """Wait for the subscription and the database, migrate, and build the processor."""
     settings.apply_emulator_host()
     subscriber = subscriber_client()
-    publisher = pubsub_v1.PublisherClient(
+    publisher = publisher_client(
         batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.02, max_messages=500)
     )
 

@@ -3,12 +3,19 @@
 The client runs its own streams, leases and flow control and calls back once per message; each
 message becomes a one-element delivery for the shared path. Kept beside the batch-native
 consumer as the reference implementation: it costs several times more CPU per message.
+
+Closing the client's streams also ends its lease and ack machinery, so a pause (a long database
+outage, a stop) adopts what is still unsettled: its leases are extended and its acks and nacks
+sent by the batch consumer's own leases and dispatcher until it is settled. The client does not
+notice a deaf stream; the batch consumer's watch (`stream_watch.py`) does, and reopens them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +30,11 @@ from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
 from processor.config import ProcessorSettings
 from processor.errors import first_line
+from processor.pipeline.dispatcher import Dispatcher
+from processor.pipeline.leases import Leases
 from processor.pipeline.messages import Received
+from processor.pipeline.stream_watch import StreamWatch
+from processor.runtime.metrics import Metrics
 
 _log = structlog.get_logger("processor.pipeline.client_subscriber")
 
@@ -36,15 +47,42 @@ class ClientSubscriber:
         settings: ProcessorSettings,
         subscriber: pubsub_v1.SubscriberClient,
         handle: Callable[[list[Received]], None],
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._subscriber = subscriber
         self._handle = handle
-        self._futures: list[Any] = []
+        self._streams: list[_Subscription] = []
+        self._restarting = threading.Lock()
+        self._metrics = metrics
         self._closing = False
         self.failed = threading.Event()
+        # Delivered, not yet acked or nacked: what a pause must keep leased.
+        self._unsettled: dict[str, Received] = {}
+        self._lock = threading.Lock()
+        self._dispatcher = Dispatcher(
+            subscriber, settings.subscription_path, settings.lease_seconds, metrics
+        )
+        self._adopted = Leases(
+            self._dispatcher, settings.lease_seconds, 1 << 62, 1 << 62, keepalive=lambda: None
+        )
+        self._adopted_ids: set[str] = set()
+        self._started = False
+        limit = settings.max_messages * settings.streams
+        self._watch = StreamWatch(
+            subscriber,
+            settings.subscription_path,
+            light=lambda: len(self._unsettled) < limit / 2,
+            streams=lambda: list(self._streams),
+            hand_back=self._dispatcher.nack,
+        )
 
     def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._dispatcher.start()
+            self._adopted.start()
+            self._watch.start()
         # Each lease extension, and the stream's ack deadline, is short: a killed processor's
         # messages return in seconds. The client's own maximum lease is set past ours, so the
         # processor, not the client, decides what happens to a message held that long.
@@ -61,40 +99,93 @@ class ClientSubscriber:
             executor = ThreadPoolExecutor(
                 self._settings.callback_threads, thread_name_prefix="pubsub-callback"
             )
-            future = open_stream(
+            stream = _Subscription(self)
+            stream.future = open_stream(
                 self._subscriber,
                 self._settings.subscription_path,
-                self._on_message,
+                functools.partial(self._on_message, stream),
                 flow,
                 ThreadScheduler(executor),
             )
-            future.add_done_callback(self._on_stream_end)
-            self._futures.append(future)
+            stream.future.add_done_callback(self._on_stream_end)
+            self._streams.append(stream)
 
     def streams_open(self) -> bool:
-        return bool(self._futures) and not any(f.done() for f in self._futures)
+        return bool(self._streams) and all(stream.open for stream in self._streams)
+
+    def alive(self) -> bool:
+        """The client runs its own threads; ours keep a pause's leases and watch the streams."""
+        return not self._started or (
+            self._dispatcher.alive() and self._adopted.alive() and self._watch.alive()
+        )
+
+    def recycle(self, stream: _Subscription, cause: str) -> None:
+        """Reopen every stream (once, whichever deaf one asks), keeping what they delivered."""
+        with self._restarting:
+            if stream not in self._streams:
+                return  # already reopened, or paused
+            self.pause()
+            self.start()
+        self._metrics.stream_reconnects.labels(cause=cause).inc()
 
     def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
         """The client's flow control counts each message's data only; nothing to add here."""
 
     def ack(self, messages: Sequence[Received]) -> None:
-        for message in messages:
+        theirs, ours = self._split(messages)
+        for message in theirs:
             message.handle.ack()
+        if ours:
+            self._adopted.ack(ours)
 
     def nack(self, messages: Sequence[Received]) -> None:
-        for message in messages:
+        theirs, ours = self._split(messages)
+        for message in theirs:
             message.handle.nack()
+        if ours:
+            self._adopted.nack(ours)
 
     def pause(self) -> None:
-        self.close(timeout=5.0)
+        """Close the client's streams and adopt what they delivered and is not settled."""
+        self._close_streams(timeout=5.0)
+        with self._lock:
+            adopted, self._unsettled = list(self._unsettled.values()), {}
+            self._adopted_ids.update(m.ack_id for m in adopted)
+        if adopted:
+            self._adopted.add(adopted)
+            self._dispatcher.extend([m.ack_id for m in adopted])  # now: the client's lease ends
 
     def resume(self) -> None:
         self.start()
 
     def close(self, timeout: float) -> None:
-        """Close the streams (the client sends the acks and nacks still queued)."""
+        """Close the streams (the client sends the acks and nacks still queued), hand back
+        what a pause adopted."""
+        self._close_streams(timeout)
+        if self._started:
+            self._watch.stop()
+            self._adopted.close()
+            self._dispatcher.close(max(0.1, timeout))
+
+    def _split(self, messages: Sequence[Received]) -> tuple[list[Received], list[Received]]:
+        """`messages` as (those the client still leases, those a pause adopted)."""
+        with self._lock:
+            for message in messages:
+                self._unsettled.pop(message.ack_id, None)
+            if not self._adopted_ids:
+                return list(messages), []
+            ours = {m.ack_id for m in messages if m.ack_id in self._adopted_ids}
+            self._adopted_ids -= ours
+        if not ours:
+            return list(messages), []
+        return [m for m in messages if m.ack_id not in ours], [
+            m for m in messages if m.ack_id in ours
+        ]
+
+    def _close_streams(self, timeout: float) -> None:
         self._closing = True
-        futures, self._futures = self._futures, []
+        futures = [stream.future for stream in self._streams]
+        self._streams = []
         for future in futures:
             future.cancel()
         for future in futures:
@@ -102,7 +193,8 @@ class ClientSubscriber:
             with contextlib.suppress(Exception):
                 future.result(timeout=max(0.1, timeout))
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, stream: _Subscription, message: Any) -> None:
+        stream.heard_at = time.monotonic()
         received = Received(
             message.ack_id,
             message.message_id,
@@ -111,6 +203,14 @@ class ClientSubscriber:
             message.publish_time.timestamp(),
             message,
         )
+        with self._lock:
+            late = self._closing  # a callback that ran on while its stream closed
+            if late:
+                self._adopted_ids.add(received.ack_id)
+            else:
+                self._unsettled[received.ack_id] = received
+        if late:
+            self._adopted.add([received])
         self._handle([received])
 
     def _on_stream_end(self, future: Any) -> None:
@@ -155,3 +255,20 @@ def open_stream(
     future = StreamingPullFuture(manager)
     manager.open(callback=callback, on_callback_error=future.set_exception)
     return future
+
+
+class _Subscription:
+    """One `subscribe()` stream as the watch sees it."""
+
+    def __init__(self, owner: ClientSubscriber) -> None:
+        self._owner = owner
+        self.future: Any = None
+        self.heard_at = time.monotonic()  # its last message, or its opening
+        self.suspect = False
+
+    @property
+    def open(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+    def recycle(self, cause: str) -> None:
+        self._owner.recycle(self, cause)

@@ -42,6 +42,8 @@ MAX_REQUEST_BYTES = 10_000_000  # a serialized publish request, topic and messag
 # The client holds several copies of a message while its publish is under way: large dead
 # letters wait for room rather than multiply memory (two maximum-size ones at a time).
 MAX_BYTES_IN_FLIGHT = 2 * MAX_REQUEST_BYTES
+# Longest a caller waits for that room: a stream thread must hear a pause or a stop.
+SEND_WAIT_SECONDS = 10.0
 
 # What the dead-lettering writes, and what Pub/Sub's dead-letter policy adds (it forwards a
 # message after MAX_DELIVERY_ATTEMPTS as it is, with attributes of this prefix and no reason).
@@ -104,14 +106,20 @@ class DeadLetters:
         }
         original = {k: v for k, v in message.attributes.items() if not is_reserved(k)}
         data, attributes = fit(self._topic, message.data, original, why)
-        with self._room:  # back-pressure on the caller (a stream, or the writer)
-            self._room.wait_for(
+        with self._room:  # back-pressure on the caller (a stream, or the writer), bounded
+            room = self._room.wait_for(
                 lambda: (
                     self._bytes_in_flight == 0
                     or self._bytes_in_flight + len(data) <= MAX_BYTES_IN_FLIGHT
-                )
+                ),
+                timeout=SEND_WAIT_SECONDS,
             )
-            self._bytes_in_flight += len(data)
+            if room:
+                self._bytes_in_flight += len(data)
+        if not room:  # the publishes ahead are stuck: hand it back rather than block a stream
+            _log.warning("dead_letter_deferred", reason=str(reason), message_id=message.message_id)
+            self._settled(message, False)
+            return
         future = self._publisher.publish(self._topic, data, **attributes)
         with self._lock:
             self._in_flight.add(future)

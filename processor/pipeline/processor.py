@@ -73,6 +73,7 @@ class Processor:
             stall_seconds=settings.writer_stall_seconds,
         )
         self._paused_at: int | None = None  # the writer's commit count when streams paused
+        self._received = self._nacked = 0  # counted here too, for the shutdown's log line
 
     @property
     def stream_failed(self) -> threading.Event:
@@ -93,6 +94,7 @@ class Processor:
         """Decode deliveries: observations to the batcher in one hand-off, rejections to the
         dead-letter topic. Never raises: a message it cannot place is handed back."""
         self._metrics.received.inc(len(deliveries))
+        self._received += len(deliveries)
         held, unplaced, weights = [], [], []
         for received in deliveries:
             try:
@@ -143,6 +145,7 @@ class Processor:
     def _nack(self, messages: list[Received]) -> None:
         self._source.nack(messages)
         self._metrics.nacked.inc(len(messages))
+        self._nacked += len(messages)
 
     # --- running ------------------------------------------------------------------------------
 
@@ -181,8 +184,9 @@ class Processor:
         )
 
     def alive(self) -> bool:
-        """For /healthz: the writer runs and is not stuck (`Writer.alive`)."""
-        return self._writer.alive()
+        """For /healthz: the writer runs and is not stuck (`Writer.alive`), and every thread of
+        the source runs (stream readers, lease schedule, dispatcher, watch)."""
+        return self._writer.alive() and self._source.alive()
 
     def ready(self) -> bool:
         """Streams open and the database taking writes."""
@@ -193,10 +197,16 @@ class Processor:
         return ready
 
     def shutdown(self, grace: float) -> bool:
-        """Stop taking messages, commit and ack what is held, hand back the rest, close the
-        streams; within `grace` seconds. True if everything held was committed."""
+        """Stop the streams, commit and ack what is held, hand back the rest, close the source;
+        within `grace` seconds. True if everything held was committed.
+
+        The streams stop first (their leases kept), so that nothing arrives after the signal
+        only to be decoded and handed back: a stop costs no extra delivery attempts."""
         deadline = time.monotonic() + grace
-        self._batcher.close()  # from now on every new delivery is handed back
+        received, nacked = self._received, self._nacked
+        if self._paused_at is None:
+            self._source.pause()
+        self._batcher.close()  # from now on any late delivery is handed back
         # Keep a margin for closing the streams, which sends the last acks and nacks.
         flushed = self._writer.join(timeout=max(0.0, deadline - time.monotonic() - 2.0))
         if not flushed:
@@ -204,7 +214,12 @@ class Processor:
             self._writer.join(timeout=0.5)
         self._dead_letters.wait(timeout=max(0.1, min(2.0, deadline - time.monotonic() - 1.0)))
         self._source.close(timeout=max(0.1, deadline - time.monotonic()))
-        _log.info("shutdown_complete", flushed=flushed)
+        _log.info(
+            "shutdown_complete",
+            flushed=flushed,
+            received_after_stop=self._received - received,
+            handed_back_at_stop=self._nacked - nacked,
+        )
         return flushed
 
 
@@ -215,5 +230,5 @@ def _source(
     handle: Callable[[list[Received]], None],
 ) -> Source:
     if settings.consumer == "client":
-        return ClientSubscriber(settings, subscriber, handle)
+        return ClientSubscriber(settings, subscriber, handle, metrics)
     return StreamingPull(settings, subscriber, metrics, handle)

@@ -27,7 +27,11 @@ class Source(Acknowledger, Protocol):
 
     def start(self) -> None: ...
 
-    def streams_open(self) -> bool: ...
+    def streams_open(self) -> bool:
+        """At least one stream can deliver (open, and not known to be deaf)."""
+
+    def alive(self) -> bool:
+        """Every thread the source runs is running (or was stopped on purpose)."""
 
     def weigh(self, weights: Sequence[tuple[Received, int]]) -> None:
         """Count, beside each held message's data, the bytes its decoded form takes."""

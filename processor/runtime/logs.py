@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -102,3 +104,17 @@ def excerpt(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
     if isinstance(text, bytes):
         text = text[: limit * 4].decode("utf-8", "replace")
     return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
+
+
+def supervised_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread running `target` whose death by an exception is logged once, with the
+    exception (`thread_died`), before it ends: its owner's `alive()` then fails /healthz."""
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException:
+            structlog.get_logger("processor.runtime.logs").exception("thread_died", thread=name)
+            raise
+
+    return threading.Thread(target=run, name=name, daemon=True)

@@ -86,8 +86,14 @@ class Metrics:
             registry=r,
         )
         self.stream_reconnects = Counter(
-            "mini_scan_stream_reconnects", "Streaming pulls reopened after they ended", registry=r
+            "mini_scan_stream_reconnects",
+            "Streaming pulls reopened, by cause: the status that ended one (unavailable, ...) "
+            "or silent (deaf while messages were ready, closed by the processor)",
+            ["cause"],
+            registry=r,
         )
+        for cause in ("unavailable", "silent"):
+            self.stream_reconnects.labels(cause=cause)
         self.storage_retries = Counter(
             "mini_scan_storage_retries", "Transient database errors retried", registry=r
         )

@@ -1,6 +1,7 @@
-"""Chaos with an oracle: three processors under kill -9 and database outages, then the table must
-equal the merge rule applied to everything published, and every malformed message must be on the
-dead-letter subscription with its reason.
+"""Chaos with an oracle: three processors under kill -9, database outages and Pub/Sub faults
+(connections gone silent, deaf streams, acks held past a lease), then the table must equal the
+merge rule applied to everything published, and every malformed message must be on the
+dead-letter subscription with its reason (and nothing valid may be).
 
 Replay a failure with the seed it prints:
 `CHAOS_SEED=<seed> uv run pytest processor/tests/e2e/test_chaos.py`.
@@ -17,9 +18,11 @@ from collections.abc import Callable
 
 import pytest
 
+from emulator import Emulator
 from processor.tests.helpers.chaos import (
     REPEATS_PER_KILL,
     ProxyCut,
+    PubSubFaults,
     SqliteWriteLock,
     Workload,
     covers,
@@ -33,6 +36,7 @@ from processor.tests.helpers.chaos import (
     unexpected_letters,
 )
 from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess
+from processor.tests.helpers.tcpproxy import tcp_proxy
 from scanner.malformed import MALFORMED_REASONS
 
 MESSAGES = 20_000
@@ -73,17 +77,23 @@ class Fleet:
 
 
 def unleash(
-    rng: random.Random, fleet: Fleet, outage: SqliteWriteLock | ProxyCut, until: Callable[[], bool]
+    rng: random.Random,
+    fleet: Fleet,
+    outage: SqliteWriteLock | ProxyCut,
+    pubsub: PubSubFaults,
+    until: Callable[[], bool],
 ) -> int:
-    """Every 2-5 s kill a processor; every other time also take the database away for 1-4 s.
-    Returns the number of outages."""
+    """Every 2-5 s kill a processor; every other time also take the database away for 1-4 s,
+    the other times strike a Pub/Sub fault. Returns the number of database outages."""
     outages = 0
     for tick in itertools.count():
         if until():
             break
         time.sleep(rng.uniform(2.0, 5.0))  # pacing the schedule, not synchronisation
         fleet.kill_one()
-        if tick % 2:
+        if tick % 2 == 0:
+            pubsub.strike(rng)
+        else:
             outage.begin()
             time.sleep(rng.uniform(1.0, 4.0))  # the outage itself
             outage.end()
@@ -99,6 +109,7 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
     database: str,
     seed: int,
     request: pytest.FixtureRequest,
+    our_emulator: Emulator,
     emulator_host: str,
     make_pipeline: Callable[..., Pipeline],
     spawn_processor: Callable[..., ProcessorProcess],
@@ -110,17 +121,25 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
     # Given 20,000 scans of 300 keys (30% duplicates, timestamps shuffled, some a day old, 3%
     # malformed covering every rejection reason) published over half a minute
     workload: Workload = scan_workload(seed, MESSAGES, KEYS)
-    with database_outage(direct_url) as (url, outage):
+    host, port = our_emulator.address.rsplit(":", 1)
+    with database_outage(direct_url) as (url, outage), tcp_proxy(host, int(port)) as proxy:
         pipeline = make_pipeline(database_url=url)
-        fleet = Fleet(lambda: spawn_processor(pipeline, BATCH_SIZE="200"), rng)
+        pubsub = PubSubFaults(proxy, our_emulator.faults)
+        fleet = Fleet(
+            lambda: spawn_processor(pipeline, BATCH_SIZE="200", PUBSUB_EMULATOR_HOST=proxy.address),
+            rng,
+        )
         publishing = publish_paced(
             pipeline.publisher, pipeline.settings.topic_path, workload, PUBLISH_SECONDS
         )
-        # When a processor is killed with SIGKILL every few seconds and replaced, and the
-        # database is unavailable for seconds at a time, for as long as publishing lasts
-        outages = unleash(rng, fleet, outage, until=lambda: not publishing.is_alive())
-        publishing.join()
-        print(f"{fleet.killed} processors killed, {outages} database outages")
+        # When a processor is killed with SIGKILL every few seconds and replaced, the database
+        # is unavailable for seconds at a time, and Pub/Sub connections go silent, streams deaf
+        # or acks slow, for as long as publishing lasts
+        try:
+            outages = unleash(rng, fleet, outage, pubsub, until=lambda: not publishing.is_alive())
+        finally:
+            publishing.join()
+        print(f"{fleet.killed} processors killed, {outages} database outages, {pubsub.struck}")
         # Then the table equals the oracle exactly
         expected = workload.expected_rows()
         converging = time.monotonic()

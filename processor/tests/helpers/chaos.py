@@ -465,3 +465,29 @@ def allow(url: str, name: str) -> None:
             for event in ("insert", "update"):
                 connection.exec_driver_sql(f"DROP TRIGGER {name}_{event}")
     engine.dispose()
+
+
+# --- Pub/Sub faults -------------------------------------------------------------------------
+
+
+class PubSubFaults:
+    """The faults between processors and Pub/Sub, one at a time at random: the connections open
+    now go silent (no FIN, no RST; new ones pass), the open streams go deaf, or Acknowledge
+    calls are held past a lease for a few seconds."""
+
+    KINDS = ("silent_connections", "deaf_streams", "slow_acks")
+
+    def __init__(self, proxy: TcpProxy, faults: Any) -> None:
+        self._proxy, self._faults = proxy, faults
+        self.struck: dict[str, int] = dict.fromkeys(self.KINDS, 0)
+
+    def strike(self, rng: Any) -> str:
+        kind = rng.choice(self.KINDS)
+        if kind == "silent_connections":
+            self._proxy.silence()
+        elif kind == "deaf_streams":
+            self._faults.silence_streams()
+        else:
+            self._faults.hold("Acknowledge", delay=rng.uniform(5.0, 25.0), for_seconds=2.0)
+        self.struck[kind] += 1
+        return kind

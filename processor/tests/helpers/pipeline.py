@@ -143,11 +143,13 @@ def http_get(port: int, path: str) -> tuple[int, str]:
 def metric(port: int, name: str) -> float:
     """The value of one sample on /metrics; NaN when the sample is absent or nothing answers,
     so that no comparison (`== 0` included) passes on a renamed metric or a dead server, while
-    `wait_until` keeps polling."""
+    `wait_until` keeps polling. A name without labels sums every labelled series of it
+    (`mini_scan_stream_reconnects_total` over its causes)."""
     samples = scrape(port)
     if name in samples:
         return samples[name]
-    return next((value for key, value in samples.items() if key.startswith(name + "{")), math.nan)
+    labelled = [value for key, value in samples.items() if key.startswith(name + "{")]
+    return sum(labelled) if labelled else math.nan
 
 
 def consumers_used(metrics: Metrics) -> list[str]:

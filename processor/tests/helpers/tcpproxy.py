@@ -1,4 +1,4 @@
-"""A TCP proxy for fault injection: forward, cut every connection, refuse, or stall."""
+"""A TCP proxy for fault injection: forward, cut every connection, refuse, stall, or silence."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ class TcpProxy:
     """Listens on a free loopback port and forwards to `target`.
 
     `cut()` closes every open connection and refuses new ones until `restore()`;
-    `stall()` keeps connections open but stops forwarding bytes until `restore()`.
+    `stall()` keeps connections open but stops forwarding bytes until `restore()`;
+    `silence()` stops forwarding on the connections open now for good, without FIN or RST,
+    while new connections pass (a NAT or load balancer that dropped its state for them).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -27,6 +29,8 @@ class TcpProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._stopped = threading.Event()
+        self._generation = 0  # connections of an earlier generation than this are silenced
+        self._silenced_before = 0
         self._thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
 
     @property
@@ -43,6 +47,10 @@ class TcpProxy:
 
     def stall(self) -> None:
         self._flowing.clear()
+
+    def silence(self) -> None:
+        with self._lock:
+            self._silenced_before = self._generation = self._generation + 1
 
     def restore(self) -> None:
         self._flowing.set()
@@ -81,18 +89,24 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._connections |= {client, upstream}
+                generation = self._generation
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(
-                    target=self._pump, args=(source, sink), name="tcp-proxy-pump", daemon=True
+                    target=self._pump,
+                    args=(source, sink, generation),
+                    name="tcp-proxy-pump",
+                    daemon=True,
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
         with contextlib.suppress(OSError):
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
                 self._flowing.wait()
+                if generation < self._silenced_before:
+                    continue  # dropped on the floor, as by a middlebox that forgot the flow
                 sink.sendall(data)
         for end in (source, sink):
             with contextlib.suppress(OSError):

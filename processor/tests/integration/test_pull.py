@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,9 +17,7 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator import Emulator
 from emulator.testing import free_port, wait_until
-from processor.pipeline.leases import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, Leases, _chunks
-from processor.pipeline.messages import Received
-from processor.runtime.metrics import Metrics
+from processor.runtime.pubsub import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, ack_id_chunks
 from processor.schema import Observation
 from processor.tests.helpers.chaos import SqliteWriteLock
 from processor.tests.helpers.pipeline import (
@@ -54,7 +51,7 @@ def acknowledge_request_bytes(ack_ids: list[str]) -> int:
 @pytest.mark.parametrize("id_bytes", [20, 176, 400])
 def test_acks_leave_in_requests_within_pubsubs_limits_and_in_order(id_bytes: int) -> None:
     ack_ids = [f"{i:0{id_bytes}d}" for i in range(6000)]
-    chunks = list(_chunks(ack_ids))
+    chunks = list(ack_id_chunks(ack_ids))
     assert [ack_id for chunk in chunks for ack_id in chunk] == ack_ids
     assert all(len(chunk) <= MAX_IDS_PER_REQUEST for chunk in chunks)
     assert all(acknowledge_request_bytes(chunk) <= MAX_REQUEST_BYTES for chunk in chunks)
@@ -203,25 +200,6 @@ def _bodies(items: list) -> list[bytes]:
     from processor.tests.helpers.pipeline import scan
 
     return [scan(o.ip, o.port, o.service, o.timestamp, o.response) for o in items]
-
-
-def test_decoded_responses_count_toward_the_byte_limit_until_released() -> None:
-    # Given leases allowing 1 MB in all, holding one 300 kB message
-    leases = Leases(None, "", 10, 1000, 1_000_000, Metrics(), keepalive=lambda: None)  # type: ignore[arg-type]
-    message = Received("ack-1", "1", b"x" * 300_000, {}, 0.0)
-    leases.add([message])
-    stop = threading.Event()
-    leases.wait_for_room(stop)  # room: returns at once
-    # When its decoded form (say 1.2 MB: 4 bytes a character) is weighed
-    leases.weigh([(message, 1_200_000)])
-    waiter = threading.Thread(target=leases.wait_for_room, args=(stop,))
-    waiter.start()
-    waiter.join(timeout=1)
-    # Then a stream waits for room, and reads again once the message is released
-    assert waiter.is_alive()
-    leases.ack([message])  # queued for a sender thread this test does not start
-    waiter.join(timeout=5)
-    assert not waiter.is_alive()
 
 
 @batch_only  # the client library's flow control weighs raw bytes only
