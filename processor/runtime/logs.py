@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import make_url
 
+_log = structlog.get_logger("processor.runtime.logs")
 MAX_LOGGED_CHARS = 200  # payload excerpts and error texts in logs are cut to this
 
 
@@ -114,7 +115,7 @@ def supervised_thread(target: Callable[[], None], name: str) -> threading.Thread
         try:
             target()
         except BaseException:
-            structlog.get_logger("processor.runtime.logs").exception("thread_died", thread=name)
+            _log.exception("thread_died", thread=name)
             raise
 
     return threading.Thread(target=run, name=name, daemon=True)

@@ -25,7 +25,10 @@ def test_a_delivered_message_keeps_no_view_into_its_response() -> None:
     small.message.attributes["origin"] = "scanner-7"
     received: list[Received] = []
     settings = ProcessorSettings(
-        pubsub_topic="t", pubsub_subscription="s", pubsub_dead_letter_topic="d"
+        pubsub_project_id="p",
+        pubsub_topic="t",
+        pubsub_subscription="s",
+        pubsub_dead_letter_topic="d",
     )
     leases = Leases(RecordingDispatcher(), 10, 1000, 10**9, keepalive=lambda: None)
     stream = _Stream(settings, None, Metrics(), leases, received.extend, lambda _: None)  # type: ignore[arg-type]
