@@ -86,6 +86,12 @@ def configure_logging(level: str = "INFO", log_format: str | None = None) -> Non
     # Libraries at WARNING and above (alembic's and grpc's INFO lines are start-up chatter),
     # everything at DEBUG.
     root.setLevel(logging.DEBUG if level == "DEBUG" else max(logging.WARNING, _level(level)))
+    # google-api-core turns the "google" logger's propagation off when the first client is made,
+    # unless that logger is configured already: a level of its own (the root's) marks it so, and
+    # its lines keep reaching the handler above.
+    google = logging.getLogger("google")
+    google.setLevel(root.level)
+    google.propagate = True
 
 
 def _level(name: str) -> int:

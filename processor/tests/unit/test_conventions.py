@@ -48,6 +48,20 @@ def test_a_librarys_log_line_is_json_with_severity(json_logs, capsys) -> None:
     assert "timestamp" in record
 
 
+def test_google_lines_still_reach_the_formatter_once_a_client_has_set_up_its_logging(
+    json_logs, capsys
+) -> None:
+    # Catches: the "google" logger left unconfigured, which google-api-core then stops from
+    # propagating when the first client is made (as it does in every processor).
+    from google.api_core import client_logging
+
+    client_logging.setup_logging("")
+    logging.getLogger("google.cloud.pubsub_v1.subscriber").warning("lease %s lost", "y")
+
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["event"] == "lease y lost"
+
+
 def test_library_info_chatter_stays_out_at_info(json_logs, capsys) -> None:
     logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
 
