@@ -136,7 +136,8 @@ def test_nothing_is_acked_while_its_commit_waits(
     migrate(engine)
     with engine.begin() as connection:
         connection.exec_driver_sql(
-            "CREATE OR REPLACE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "CREATE OR REPLACE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN "
             f"PERFORM pg_advisory_lock_shared({key}); PERFORM pg_advisory_unlock_shared({key}); "
             "RETURN NULL; END $$"
         )
