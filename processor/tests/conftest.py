@@ -11,6 +11,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from emulator import Emulator
+from emulator.faults import Faults
 from emulator.testing import official_emulator_for_tests
 from processor.commands.setup import ensure_resources
 from processor.config import ProcessorSettings, SetupSettings
@@ -21,6 +22,15 @@ from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess, unique
 def our_emulator() -> Iterator[Emulator]:
     with Emulator(port=0) as emulator:
         yield emulator
+
+
+@pytest.fixture
+def faults(our_emulator: Emulator) -> Iterator[Faults]:
+    """The session emulator's fault injection, cleared before and after the test so no fault
+    leaks into another."""
+    our_emulator.faults.clear()
+    yield our_emulator.faults
+    our_emulator.faults.clear()
 
 
 @pytest.fixture(scope="session")

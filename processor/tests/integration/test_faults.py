@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
-import pytest
 
 from emulator import Emulator
 from emulator.faults import Faults
@@ -35,14 +34,6 @@ CONVERGE_TIMEOUT = 90
 # The longest wait before a stream is reopened: the batch consumer's backoff cap, and the
 # client's reopen throttle (5 opens in 10 s).
 RECONNECT_WAIT_SECONDS = 10
-
-
-@pytest.fixture
-def faults(our_emulator: Emulator) -> Iterator[Faults]:
-    """The session emulator's fault injection, cleared after the test so no fault leaks."""
-    our_emulator.faults.clear()
-    yield our_emulator.faults
-    our_emulator.faults.clear()
 
 
 def fresh_keys(seed: int, count: int) -> Workload:

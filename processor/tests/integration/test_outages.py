@@ -5,14 +5,13 @@ liveness (/healthz) of a writer that died or is stuck."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import structlog
 
-from emulator import Emulator
 from emulator.testing import free_port, wait_until
 from processor.schema import Observation
 from processor.storage import Repository, migrate, open_engine
@@ -28,6 +27,9 @@ from processor.tests.helpers.pipeline import (
     reaches_oracle,
 )
 from processor.tests.helpers.wire import scan
+
+# Every test here injects faults into the session emulator; none may leak into another test.
+pytestmark = pytest.mark.usefixtures("faults")
 
 DATABASE_TIMEOUT = 2  # seconds, in the stall tests
 # README: a call left unanswered is reported DATABASE_TIMEOUT + 1 s after it began (the watchdog
@@ -245,10 +247,3 @@ def recovers_losing_nothing(
 
 def _warned(logs: list[dict[str, Any]], event: str) -> bool:
     return any(e["event"] == event and e["log_level"] == "warning" for e in list(logs))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_faults(our_emulator: Emulator) -> Iterator[None]:
-    our_emulator.faults.clear()
-    yield
-    our_emulator.faults.clear()

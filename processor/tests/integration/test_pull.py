@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1 import types as pubsub_types
 
 from emulator import Emulator
+from emulator.faults import Faults
 from emulator.testing import free_port, wait_until
 from processor.runtime.pubsub import MAX_IDS_PER_REQUEST, MAX_REQUEST_BYTES, ack_id_chunks
 from processor.schema import Observation
@@ -32,13 +33,6 @@ from processor.tests.helpers.pipeline import (
 )
 
 batch_only = pytest.mark.parametrize("consumer", ["batch"])
-
-
-@pytest.fixture
-def faults(our_emulator: Emulator) -> Iterator[None]:
-    our_emulator.faults.clear()
-    yield
-    our_emulator.faults.clear()
 
 
 def acknowledge_request_bytes(ack_ids: list[str]) -> int:
@@ -67,7 +61,7 @@ def test_acks_leave_in_requests_within_pubsubs_limits_and_in_order(id_bytes: int
 def test_a_stream_the_service_keeps_ending_is_reopened_with_backoff_under_one_client_id(
     our_emulator: Emulator,
     emulator_host: str,
-    faults: None,
+    faults: Faults,
     make_pipeline: Callable[..., Pipeline],
 ) -> None:
     # Given a service that ends every stream at once with UNAVAILABLE

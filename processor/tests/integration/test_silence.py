@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -29,13 +29,6 @@ from processor.tests.helpers.tcpproxy import tcp_proxy
 RECOVERY_TIMEOUT = 120
 # A child processor's start is not what is tested; on a busy machine it can take a minute.
 STARTUP_TIMEOUT = 120
-
-
-@pytest.fixture
-def faults(our_emulator: Emulator) -> Iterator[Faults]:
-    our_emulator.faults.clear()
-    yield our_emulator.faults
-    our_emulator.faults.clear()
 
 
 def assert_nothing_dead_lettered(pipeline: Pipeline) -> None:
