@@ -224,12 +224,29 @@ def _postgres_statement() -> Any:
         sa.func.to_timestamp(c.first_seen),
         sa.bindparam("now", type_=UTCDateTime),
     )
-    stmt = postgresql.insert(Service.__table__).from_select(_COLUMNS, source)
-    # xmax is 0 on a tuple this statement inserted, not on one it updated.
-    return _merge_rule(stmt, sa.func.least).returning(sa.literal_column("(xmax = 0)"))
+    return _merge_rule(
+        postgresql.insert(Service.__table__).from_select(_COLUMNS, source), sa.func.least
+    )
 
 
-_POSTGRES_UPSERT = _postgres_statement()
+# xmax is 0 on a tuple this statement inserted, not on one it updated.
+_POSTGRES_UPSERT = _postgres_statement().returning(sa.literal_column("(xmax = 0)"))
+
+
+def _partitioned_statement() -> Any:
+    # A partitioned table has no xmax to return: a changed key is new when the snapshot the
+    # statement started from (which every part of it sees) does not hold it.
+    table = Service.__table__
+    changed = _postgres_statement().returning(table.c.ip, table.c.port, table.c.service).cte()
+    stored = sa.select(sa.literal(1)).where(
+        table.c.ip == changed.c.ip,
+        table.c.port == changed.c.port,
+        table.c.service == changed.c.service,
+    )
+    return sa.select(~stored.exists()).select_from(changed)
+
+
+_PARTITIONED_UPSERT = _partitioned_statement()
 
 
 def _postgres_upsert(
@@ -244,6 +261,19 @@ def _postgres_upsert(
         "first_seen": [first for _, first in rows],
         "now": now,
     }
-    changed = connection.execute(_POSTGRES_UPSERT, params).all()
+    statement = _PARTITIONED_UPSERT if _partitioned(connection) else _POSTGRES_UPSERT
+    changed = connection.execute(statement, params).all()
     inserted = sum(1 for (fresh,) in changed if fresh)
     return UpsertResult(inserted, len(changed) - inserted, len(rows) - len(changed))
+
+
+def _partitioned(connection: Connection) -> bool:
+    """Whether `services` is a partitioned table (deploy/postgres/partition-services.sql), read
+    once per pooled connection."""
+    known = connection.info.get("services_partitioned")
+    if known is None:
+        kind = connection.exec_driver_sql(
+            "SELECT relkind FROM pg_class WHERE oid = 'services'::regclass"
+        ).scalar()
+        known = connection.info["services_partitioned"] = kind == "p"
+    return known
