@@ -1,4 +1,4 @@
-"""`python -m processor.datadir`, as docker-compose.yml and older compose files run it: the same
+"""`python -m processor.datadir`, as compose files before `datadir --owner` run it: the same
 as `mini-scan datadir` (processor/commands/datadir.py)."""
 
 import sys

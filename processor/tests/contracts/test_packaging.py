@@ -295,18 +295,25 @@ def test_every_service_drops_every_capability_and_privilege_escalation(compose, 
     for name, service in services.items():
         assert service["cap_drop"] == ["ALL"], name
         assert service["security_opt"] == ["no-new-privileges:true"], name
-    # Only the one-shot that opens ./data up, and PostgreSQL's entrypoint, get any back.
+    # Only the one-shot that hands ./data to the processors' user, and PostgreSQL's entrypoint,
+    # get any back.
     assert added == {
-        "data-dir": ["FOWNER"],
+        "data-dir": ["CHOWN", "DAC_READ_SEARCH", "FOWNER"],
         "postgres": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"],
     }
 
 
-def test_our_containers_run_read_only_as_the_image_user(compose, our_services) -> None:
+def test_our_containers_run_read_only_as_the_configurable_owner_of_data(compose, our_services):
+    owner = "${MINI_SCAN_UID:-10001}:${MINI_SCAN_GID:-10001}"
+    image_user = next(line for line in _dockerfile_final_stage() if line.startswith("USER "))
+
+    assert image_user == "USER 10001:10001"  # the default owner is the image's user
     for name, service in our_services.items():
         assert service["read_only"] is True, name
         assert service["tmpfs"] == ["/tmp"], name
-        assert service.get("user") == ("0:0" if name == "data-dir" else None), name
+        assert service["user"] == ("0:0" if name == "data-dir" else owner), name
+    # ./data goes to the user the processors run as, private to it.
+    assert our_services["data-dir"]["command"] == ["datadir", "--owner", owner]
     for name in ("postgres", "prometheus"):
         assert compose["services"][name]["read_only"] is True, name
 

@@ -212,18 +212,20 @@ class TestUpOverADataDirAnotherUserFilled:
         stack.wait_healthy("processor")
         stack.wait_healthy("scanner")
 
-    def test_a_database_another_user_left_in_data_is_opened_up_not_taken(
+    def test_a_database_another_user_left_in_data_is_handed_to_the_processors_user_only(
         self, first_run: FirstRun
     ) -> None:
         assert wait_until(lambda: row_count(first_run.database) > 0, timeout=90, interval=1), (
             first_run.stack.describe()
         )
+        uid, _ = first_run.stack.owner
 
-        for path in first_run.database.parent.glob("scan_results.db*"):
+        directory = first_run.database.parent
+        assert (directory.stat().st_uid, stat.S_IMODE(directory.stat().st_mode)) == (uid, 0o700)
+        for path in directory.glob("scan_results.db*"):
             info = path.stat()
-            assert stat.S_IMODE(info.st_mode) & 0o666 == 0o666, path
-            if os.geteuid() == 0:
-                assert info.st_uid == FOREIGN_UID, f"{path} changed owner"
+            assert info.st_uid == uid, f"{path} is not the processors' user's"
+            assert not stat.S_IMODE(info.st_mode) & 0o002, f"{path} is world-writable"
         with sqlite3.connect(first_run.database) as connection:
             assert connection.execute("SELECT x FROM notes").fetchall() == [(1,)]
 
@@ -250,9 +252,11 @@ class TestUpOverADataDirAnotherUserFilled:
             assert "no-new-privileges:true" in host["SecurityOpt"], name
             assert host["ReadonlyRootfs"], name
             if name == "data-dir":
-                assert (config["Config"]["User"], host["CapAdd"]) == ("0:0", ["CAP_FOWNER"])
+                assert config["Config"]["User"] == "0:0"
+                assert sorted(host["CapAdd"]) == ["CAP_CHOWN", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"]
             else:
-                assert config["Config"]["User"] == "10001:10001", name
+                uid, gid = first_run.stack.owner
+                assert config["Config"]["User"] == f"{uid}:{gid}", name
                 assert not host["CapAdd"], name
             for bindings in (host["PortBindings"] or {}).values():
                 assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}, name

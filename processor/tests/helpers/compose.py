@@ -60,11 +60,19 @@ class Stack:
     variables: dict[str, str] = field(default_factory=dict)
 
     @property
+    def owner(self) -> tuple[int, int]:
+        """The uid and gid the containers run as and that own ./data: the image's user when the
+        tests run as root, else the test's user, as README tells a user who reads ./data."""
+        return (10001, 10001) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+    @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _COMPOSE_ENV}
         # An empty host port makes Docker pick a free one: stacks never collide on the host.
         env |= {"MINI_SCAN_IMAGE": self.image, "DATA_DIR": str(self.data_dir)}
         env |= {"PUBSUB_PORT": "", "PROMETHEUS_PORT": ""}
+        uid, gid = self.owner
+        env |= {"MINI_SCAN_UID": str(uid), "MINI_SCAN_GID": str(gid)}
         return env | self.variables
 
     def command(self, *args: str) -> list[str]:
