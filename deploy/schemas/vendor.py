@@ -28,6 +28,7 @@ KUBERNETES_KINDS = [
     "horizontalpodautoscaler-autoscaling-v2",
     "job-batch-v1",
     "namespace-v1",
+    "networkpolicy-networking-v1",
     "poddisruptionbudget-policy-v1",
     "secret-v1",
     "service-v1",

@@ -45,6 +45,7 @@ PROCESSOR = "mini-scan-processor"
 SCHEMAS = {
     ("v1", "ConfigMap"): "kubernetes/configmap-v1",
     ("v1", "Namespace"): "kubernetes/namespace-v1",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "kubernetes/networkpolicy-networking-v1",
     ("v1", "Secret"): "kubernetes/secret-v1",
     ("v1", "Service"): "kubernetes/service-v1",
     ("v1", "ServiceAccount"): "kubernetes/serviceaccount-v1",
@@ -412,6 +413,144 @@ def test_no_pod_mounts_a_kubernetes_api_token(overlay: str):
     # None of them calls the Kubernetes API; a mounted token is only something to steal.
     for name, spec in pod_specs(overlay):
         assert spec.get("automountServiceAccountToken") is False, name
+
+
+# ---- Kubernetes: network policies -------------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches these labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels[key] not in (values or []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def workloads(overlay: str) -> dict[str, dict[str, str]]:
+    """Each Deployment, StatefulSet and Job, by name: its pods' labels."""
+    return {
+        doc["metadata"]["name"]: doc["spec"]["template"]["metadata"]["labels"]
+        for doc in rendered(overlay)
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+
+
+def policies_for(overlay: str, workload: str) -> list[dict[str, Any]]:
+    labels = workloads(overlay)[workload]
+    return [
+        doc["spec"]
+        for doc in find(overlay, "NetworkPolicy")
+        if selects(doc["spec"]["podSelector"], labels)
+    ]
+
+
+def rules(overlay: str, workload: str, direction: str) -> list[dict[str, Any]]:
+    """Every ingress or egress rule that applies to a workload's pods."""
+    return [rule for spec in policies_for(overlay, workload) for rule in spec.get(direction, [])]
+
+
+def ports(overlay: str, workload: str, direction: str) -> set[tuple[str, int]]:
+    return {
+        (port["protocol"], port["port"])
+        for rule in rules(overlay, workload, direction)
+        for port in rule["ports"]
+    }
+
+
+def clients(overlay: str, workload: str) -> set[str]:
+    """The workloads of the namespace whose pods the ingress rules let in."""
+    peers = [peer for rule in rules(overlay, workload, "ingress") for peer in rule["from"]]
+    assert all(set(peer) == {"podSelector"} for peer in peers), peers
+    return {
+        name
+        for name, labels in workloads(overlay).items()
+        if any(selects(peer["podSelector"], labels) for peer in peers)
+    }
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda spec: spec.update(ingress={"from": []}), id="a rule not in a list"),
+        pytest.param(lambda spec: spec.update(podSelektor={}), id="misspelt field"),
+        pytest.param(lambda spec: spec["ingress"][0]["ports"][0].update(port=[]), id="bad port"),
+    ],
+)
+def test_the_schema_check_rejects_a_broken_network_policy(break_it: Any, tmp_path: Path):
+    policy = json.loads(json.dumps(only("gke", "NetworkPolicy", PROCESSOR)))
+    break_it(policy["spec"])
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+
+    schema = DEPLOY / "schemas" / "kubernetes/networkpolicy-networking-v1.json"
+    assert check_jsonschema(schema, [path]).returncode != 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_is_isolated_by_a_network_policy_both_ways(overlay: str):
+    for name in workloads(overlay):
+        types = {t for spec in policies_for(overlay, name) for t in spec["policyTypes"]}
+        assert types == {"Ingress", "Egress"}, f"{name} is not isolated by a NetworkPolicy"
+
+
+def test_the_selector_check_matches_as_kubernetes_does():
+    labels = {"app.kubernetes.io/name": "scanner"}
+    assert selects({"matchLabels": labels}, labels)
+    assert not selects({"matchLabels": {"app.kubernetes.io/name": "pubsub"}}, labels)
+    expression = {"key": "app.kubernetes.io/name", "operator": "In", "values": ["pubsub"]}
+    assert not selects({"matchExpressions": [expression]}, labels)
+    assert selects({"matchExpressions": [{**expression, "operator": "NotIn"}]}, labels)
+    assert selects({}, labels)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_monitoring_namespace_reaches_the_processor_and_on_its_metrics_port(
+    overlay: str,
+):
+    [rule] = rules(overlay, PROCESSOR, "ingress")
+    [port] = processor_container(overlay)["ports"]
+
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": processor_settings(overlay).metrics_port}]
+    assert port["containerPort"] == processor_settings(overlay).metrics_port
+    assert not rules(overlay, "mini-scan-setup", "ingress")
+
+
+DNS = {("UDP", 53), ("TCP", 53)}
+# Pub/Sub and PostgreSQL; on GKE also the metadata server that hands out Workload Identity
+# tokens; locally the emulator instead of Google's 443 (which stays allowed, unused).
+OUT_OF_MINI_SCAN = {
+    "gke": DNS | {("TCP", 443), ("TCP", 5432), ("TCP", 988), ("TCP", 80)},
+    "local": DNS | {("TCP", 443), ("TCP", 5432), ("TCP", 8085)},
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_processor_and_setup_reach_only_dns_pubsub_and_the_database(overlay: str):
+    for name in (PROCESSOR, "mini-scan-setup"):
+        assert ports(overlay, name, "egress") == OUT_OF_MINI_SCAN[overlay], name
+
+
+def test_locally_the_emulator_and_postgres_take_only_mini_scans_pods_and_reach_nothing():
+    assert clients("local", "pubsub") == {PROCESSOR, "mini-scan-setup", "scanner"}
+    assert ports("local", "pubsub", "ingress") == {("TCP", 8085)}
+    assert clients("local", "postgres") == {PROCESSOR, "mini-scan-setup"}
+    assert ports("local", "postgres", "ingress") == {("TCP", 5432)}
+    for name in ("pubsub", "postgres"):
+        assert not rules("local", name, "egress"), name
+    assert ports("local", "scanner", "egress") == DNS | {("TCP", 8085)}
+    assert not rules("local", "scanner", "ingress")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
