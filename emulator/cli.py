@@ -1,20 +1,20 @@
 """`python -m emulator` / `mini-scan emulator`: run the emulator until SIGTERM or SIGINT.
 
-Logging follows the same contract as every mini-scan role: LOG_FORMAT (json or console; console
-on a terminal, else json) and LOG_LEVEL, each also a flag that wins over the variable.
+Logging follows the same contract as every mini-scan role (emulator/logs.py): LOG_FORMAT (json or
+console; console on a terminal, else json) and LOG_LEVEL, each also a flag that wins over the
+variable; JSON lines carry `severity`, and grpc's own log lines come through the same renderer.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import queue
 import signal
-import sys
 
 import structlog
 
+from emulator.logs import configure_logging
 from emulator.server import Emulator, EmulatorStartError
 
 _log = structlog.get_logger("emulator")
@@ -46,30 +46,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configure_logging(log_format: str | None, level: str | None) -> None:
-    """structlog to stdout: JSON lines, or a console renderer (the default on a terminal)."""
-    console = (log_format or "").lower() == "console" or (
-        log_format is None and sys.stdout.isatty()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName((level or "INFO").upper())
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=False,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the emulator in the foreground; returns 0 after a clean SIGTERM/SIGINT shutdown."""
     args = _parse(argv)
-    configure_logging(args.log_format, args.log_level)
+    configure_logging((args.log_level or "INFO").upper(), (args.log_format or "").lower() or None)
     # The handler only puts on a queue (a reentrant `put`): setting an Event from a handler can
     # wait forever on the lock its own thread holds inside `Event.wait()`.
     stops: queue.SimpleQueue[int] = queue.SimpleQueue()

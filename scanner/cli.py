@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from typing import IO
 import structlog
 from google.cloud import pubsub_v1
 
+from emulator.logs import configure_logging
 from processor.commands import run_command
 from processor.config import ArgumentParser, PubSubSettings, add_arguments, load
 from processor.errors import ConfigError
@@ -118,8 +118,12 @@ def _scan(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.keys is not None and args.keys > MAX_KEYS:
         raise ConfigError(f"--keys is above {MAX_KEYS} keys")
-    _configure_logging(settings)
     settings.apply_emulator_host()
+    # The project, and so the credentials, before logging starts: without them the one line on
+    # stderr is the error, not google.auth's warning first.
+    _ = settings.project
+    # On stderr: `--log -` writes the published messages to stdout.
+    configure_logging(settings.log_level, settings.log_format, stream="stderr")
     now = (lambda: args.base_timestamp) if args.base_timestamp is not None else _wall_clock
     generator = ScanGenerator(now, seed=args.seed, keys=args.keys, mix=mix)
     return _run(settings, generator, args)
@@ -221,24 +225,3 @@ class _Tally:
 
 def _wall_clock() -> int:
     return int(time.time())
-
-
-def _configure_logging(settings: PubSubSettings) -> None:
-    json_lines = settings.log_format == "json" or (
-        settings.log_format is None and not sys.stderr.isatty()
-    )
-    renderer = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName(settings.log_level)
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import grpc
 import pytest
+import structlog
 
 from emulator.cli import main
+from emulator.logs import configure_logging
 from emulator.testing import free_port, wait_until
 
 
@@ -61,6 +65,40 @@ def test_with_log_format_json_every_stdout_line_is_a_json_object():
         "emulator_stopped",
     ]
     assert all(json.loads(line)["level"] == "info" for line in lines)
+    # Cloud Logging reads `severity` (without it every line shows as DEFAULT).
+    assert all(json.loads(line)["severity"] == "INFO" for line in lines)
+
+
+def test_a_start_failure_is_a_json_line_with_severity_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "emulator", "--port", str(taken.getsockname()[1])],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LOG_FORMAT": "json"},
+            timeout=30,
+        )
+
+    assert done.returncode == 1
+    [record] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (record["event"], record["severity"]) == ("emulator_start_failed", "ERROR")
+
+
+def test_grpcs_own_log_lines_come_through_the_same_json_renderer(capsys):
+    root = logging.getLogger()
+    handlers, level = root.handlers, root.level
+    try:
+        configure_logging("INFO", "json")
+        logging.getLogger("grpc._server").error("Exception calling application: %s", "boom")
+    finally:
+        root.handlers, root.level = handlers, level
+        structlog.reset_defaults()
+
+    record = json.loads(capsys.readouterr().out)
+    assert record["event"] == "Exception calling application: boom"
+    assert (record["logger"], record["severity"]) == ("grpc._server", "ERROR")
 
 
 def test_the_log_format_and_level_flags_win_over_the_environment():

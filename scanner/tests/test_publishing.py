@@ -105,9 +105,11 @@ def test_sigterm_flushes_what_was_published_and_exits_zero(stream: Stream, tmp_p
     assert scanner.returncode == 0, stderr
     published = read_log(log)
     assert len(pull_all(stream.subscription, expected=len(published))) == len(published)
-    summary = json.loads(stderr.splitlines()[-1])
-    assert summary["event"] == "scanner_finished"
-    assert summary["confirmed"] == len(published)
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert records[-1]["event"] == "scanner_finished"
+    assert records[-1]["confirmed"] == len(published)
+    # Cloud Logging reads `severity`; every line has it, the libraries' too.
+    assert [r["severity"] for r in records] == [r["level"].upper() for r in records]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
@@ -130,7 +132,9 @@ def test_a_scanner_waiting_for_pubsub_stops_at_once_and_exits_zero(tmp_path, sto
         scanner.kill()
         scanner.wait()
     assert "Traceback" not in log.read_text()
-    assert '"event": "scanner_stopped"' in log.read_text()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"waiting_for_dependency", "scanner_stopped"} <= {r["event"] for r in records}
+    assert all(r["severity"] == r["level"].upper() for r in records), records
 
 
 @pytest.mark.parametrize(
