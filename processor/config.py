@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from processor.errors import ConfigError
@@ -120,6 +121,37 @@ class DatabaseSettings(BaseSettings):
         DEFAULT_DATABASE_URL,
         description="SQLAlchemy URL: sqlite:///path or postgresql://user:password@host/db",
     )
+    database_url_file: str | None = Field(
+        None,
+        description="file holding DATABASE_URL (a mounted secret), instead of DATABASE_URL",
+    )
+
+    @model_validator(mode="after")
+    def _read_database_url_file(self) -> DatabaseSettings:
+        """The URL from DATABASE_URL_FILE: a password in a file stays out of the environment
+        (inherited by children, shown by `docker inspect`) and out of `ps`. Errors name the file,
+        never its content."""
+        path = self.database_url_file
+        if not path:
+            return self
+        if self.database_url and "database_url" in self.model_fields_set:  # empty: unset
+            raise ConfigError("DATABASE_URL and DATABASE_URL_FILE are both set: set only one")
+        try:
+            url = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"cannot read DATABASE_URL_FILE {path}: {reason}") from None
+        if not url:
+            raise ConfigError(f"DATABASE_URL_FILE {path} is empty")
+        self.database_url = url
+        return self
+
+    def database_environment(self) -> dict[str, str]:
+        """The variables that hand this database to a child process: the file's path when the
+        URL came from one, so the secret is never copied into an environment."""
+        if self.database_url_file:
+            return {"DATABASE_URL_FILE": self.database_url_file}
+        return {"DATABASE_URL": self.database_url}
 
 
 class ProcessorSettings(PubSubSettings, DatabaseSettings):
@@ -186,6 +218,11 @@ class ProcessorSettings(PubSubSettings, DatabaseSettings):
     )
     startup_timeout: float = Field(
         60.0, gt=0, description="seconds to wait for the subscription and the database at start"
+    )
+    migrate: bool = Field(
+        True,
+        description="bring the schema to the newest revision at start; off: wait for "
+        "`mini-scan migrate` to have done it (a role without DDL rights)",
     )
     shutdown_grace: float = Field(
         10.0, gt=0, description="seconds SIGTERM allows to flush, ack and exit"

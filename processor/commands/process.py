@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
+from sqlalchemy.engine import Engine
 
 from processor.commands import run_command
 from processor.config import ArgumentParser, ProcessorSettings, add_arguments, load
@@ -23,7 +24,7 @@ from processor.runtime.logs import configure_logging, redact_url
 from processor.runtime.metrics import Metrics
 from processor.runtime.pubsub import publisher_client, subscriber_client
 from processor.stopping import Stopped, stop_on_signals
-from processor.storage import Repository, migrate, open_engine, unsuitable
+from processor.storage import Repository, behind, migrate, open_engine, unsuitable
 
 _log = structlog.get_logger("processor.commands.process")
 
@@ -31,7 +32,8 @@ _log = structlog.get_logger("processor.commands.process")
 def bootstrap(
     settings: ProcessorSettings, metrics: Metrics, stop: threading.Event | None = None
 ) -> Processor:
-    """Wait for the subscription and the database, migrate, and build the processor."""
+    """Wait for the subscription and the database, migrate (or, with MIGRATE off, wait for the
+    schema to be at the newest revision), and build the processor."""
     settings.apply_emulator_host()
     subscriber = subscriber_client()
     publisher = publisher_client(
@@ -56,10 +58,18 @@ def bootstrap(
             "buys nothing here) or set CONSUMER=client"
         )
     engine = open_engine(settings.database_url, timeout=settings.database_timeout)
-    wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
+    if settings.migrate:
+        wait_for("database", lambda: migrate(engine), settings.startup_timeout, stop)
+    else:
+        wait_for("database schema", lambda: _at_head(engine), settings.startup_timeout, stop)
     if problem := unsuitable(engine):
         raise StartupError(problem)
     return Processor(settings, Repository(engine), subscriber, publisher, metrics)
+
+
+def _at_head(engine: Engine) -> None:
+    if problem := behind(engine):
+        raise LookupError(problem)
 
 
 def run(settings: ProcessorSettings, stop: threading.Event, metrics: Metrics | None = None) -> int:

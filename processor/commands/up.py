@@ -131,11 +131,16 @@ def _up(args: argparse.Namespace) -> int:
 def _environment(settings: UpSettings, host: str) -> dict[str, str]:
     """The children's environment: the caller's (so `CONSUMER=client mini-scan up` runs the
     client consumer, and every other setting reaches them too), with up's own flags on top."""
-    names = set(PubSubSettings.model_fields) | set(DatabaseSettings.model_fields)
     values = {
-        k.upper(): str(v) for k, v in settings.model_dump(include=names).items() if v is not None
+        k.upper(): str(v)
+        for k, v in settings.model_dump(include=set(PubSubSettings.model_fields)).items()
+        if v is not None
     }
-    return dict(os.environ) | values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATABASE_URL_FILE")
+    }
+    values |= settings.database_environment()
+    return inherited | values | {"PUBSUB_EMULATOR_HOST": host, "LOG_FORMAT": "json"}
 
 
 def _spawn_all(

@@ -2,7 +2,7 @@
 migrations. Knows nothing of Pub/Sub."""
 
 from processor.storage.engine import DEFAULT_DATABASE_URL, database_url, open_engine
-from processor.storage.migrations import migrate, unsuitable
+from processor.storage.migrations import behind, migrate, unsuitable
 from processor.storage.repository import Repository, UpsertResult
 from processor.storage.table import Service
 
@@ -11,6 +11,7 @@ __all__ = [
     "Repository",
     "Service",
     "UpsertResult",
+    "behind",
     "database_url",
     "migrate",
     "open_engine",

@@ -48,6 +48,24 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def behind(engine: Engine) -> str | None:
+    """Why the schema is not at the newest revision this version knows, or None: for a process
+    that must not migrate (its role has no DDL rights) and waits for `mini-scan migrate`."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory(str(_MIGRATIONS)).get_heads())
+    with engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+    if current == heads:
+        return None
+    found = ", ".join(sorted(current)) or "none (no table yet)"
+    return (
+        f"the database schema is at revision {found}, this version needs {', '.join(heads)}: "
+        "run `mini-scan migrate` as the database's owner"
+    )
+
+
 def drop_schema(engine: Engine) -> None:
     """Drop the table and the record of its revision: the database as it was before the first
     migration, for a test or a benchmark that starts from nothing. Every row is lost."""
