@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pydantic_settings import BaseSettings
 from ruamel.yaml import YAML
+from sqlalchemy.engine import make_url
 
 from emulator.testing import IN_CI
 from processor import config
@@ -147,10 +148,11 @@ def test_compose_passes_every_processor_setting_from_the_host(our_services, name
     environment = our_services["processor"]["environment"]
 
     assert variable in environment, f"{variable} does not reach the processor container"
-    match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(environment[variable]))
+    # DATABASE_URL: `-`, not `:-`, so that postgres.env's empty value turns the default off.
+    match = re.fullmatch(r"\$\{(\w+):?-(.*)\}", str(environment[variable]))
     assert match, f"{variable}: {environment[variable]!r} is not taken from the host"
     assert match[1] == variable
-    if variable == "DATABASE_URL":  # the container's default lives in its data volume
+    if variable in ("DATABASE_URL", "DATABASE_URL_FILE"):  # the container's own paths
         return
     # A setting without a default (the project) takes the one it has under an emulator.
     default = field.default if field.default is not None else config.default_project("pubsub")
@@ -161,7 +163,9 @@ def test_services_share_one_pubsub_and_database_configuration(our_services) -> N
     for name in ("setup", "scanner", "processor"):
         env = our_services[name]["environment"]
         assert env["PUBSUB_EMULATOR_HOST"] == "pubsub:8085", name
-        assert env["DATABASE_URL"] == "${DATABASE_URL:-sqlite:////app/data/scan_results.db}"
+    for name in ("data-dir", "processor"):
+        env = our_services[name]["environment"]
+        assert env["DATABASE_URL"] == "${DATABASE_URL-sqlite:////app/data/scan_results.db}"
     processor = our_services["processor"]
     assert processor["environment"]["METRICS_HOST"] == "0.0.0.0"
     assert processor["volumes"] == ["${DATA_DIR:-./data}:/app/data"]
@@ -195,6 +199,91 @@ def test_postgres_is_an_optional_profile(compose) -> None:
     assert postgres["volumes"][0].split(":")[0] in compose["volumes"]
     depends = compose["services"]["processor"]["depends_on"]["postgres"]
     assert depends == {"condition": "service_healthy", "required": False}
+
+
+# Who may hold the database's URL or a password: the processors (and the query commands run in
+# them), the migrate one-shot, and PostgreSQL itself; data-dir only reads the SQLite path.
+DATABASE_SECRETS = {
+    "processor": {"database-url"},
+    "migrate": {"database-owner-url"},
+    "postgres": {"postgres-password", "mini-scan-owner-password", "mini-scan-app-password"},
+}
+POSTGRES_ENV = ROOT / "deploy" / "compose" / "postgres.env"
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _secret_file(compose: dict[str, Any], name: str) -> Path:
+    """The file a secret is made from, with its default (`${DATABASE_SECRETS:-dir}`)."""
+    path = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", compose["secrets"][name]["file"])
+    return ROOT / path
+
+
+def test_only_the_services_that_open_the_database_get_its_url_or_a_password(compose) -> None:
+    for name, service in compose["services"].items():
+        assert set(service.get("secrets", [])) == DATABASE_SECRETS.get(name, set()), name
+        variables = set(service.get("environment", {}))
+        if name not in ("processor", "migrate", "data-dir"):
+            assert not {"DATABASE_URL", "DATABASE_URL_FILE"} & variables, name
+    assert "DATABASE_URL" not in compose["services"]["migrate"]["environment"]
+    assert "DATABASE_URL_FILE" not in compose["services"]["data-dir"]["environment"]
+
+
+def test_every_secret_has_its_local_sample_and_is_read_from_its_mount(compose) -> None:
+    for name in compose["secrets"]:
+        assert _secret_file(compose, name).read_text().strip(), name
+    mounted = {
+        "migrate": {"DATABASE_URL_FILE": "database-owner-url"},
+        "postgres": {
+            "POSTGRES_PASSWORD_FILE": "postgres-password",
+            "MINI_SCAN_OWNER_PASSWORD_FILE": "mini-scan-owner-password",
+            "MINI_SCAN_APP_PASSWORD_FILE": "mini-scan-app-password",
+        },
+    }
+    for service, variables in mounted.items():
+        env = compose["services"][service]["environment"]
+        for variable, secret in variables.items():
+            assert env[variable] == f"/run/secrets/{secret}", (service, variable)
+    assert "POSTGRES_PASSWORD" not in compose["services"]["postgres"]["environment"]
+    assert _env_file(POSTGRES_ENV)["DATABASE_URL_FILE"] == "/run/secrets/database-url"
+
+
+def test_the_postgres_env_file_runs_processors_as_the_app_role_without_migrating(
+    compose, monkeypatch
+) -> None:
+    # The processor's settings as compose gives them with postgres.env, the secret at its mount
+    variables = _env_file(POSTGRES_ENV)
+    variables["DATABASE_URL_FILE"] = str(_secret_file(compose, "database-url"))
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    settings = config.load(config.ProcessorSettings)
+
+    owner_url = _secret_file(compose, "database-owner-url").read_text().strip()
+    app, owner = make_url(settings.database_url), make_url(owner_url)
+    assert settings.migrate is False
+    assert (app.username, owner.username) == ("miniscan_app", "miniscan_owner")
+    assert (app.host, app.database) == (owner.host, owner.database) == ("postgres", "scans")
+    # The init script sets the passwords the URLs carry.
+    for url, secret in ((app, "mini-scan-app-password"), (owner, "mini-scan-owner-password")):
+        assert url.password == _secret_file(compose, secret).read_text().strip()
+
+
+def test_postgres_runs_the_roles_script_once_and_migrate_runs_before_the_processors(
+    compose,
+) -> None:
+    postgres, migrate = compose["services"]["postgres"], compose["services"]["migrate"]
+    initdb = next(v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v)
+    source, target, mode = initdb.split(":")
+    assert (target, mode) == ("/docker-entrypoint-initdb.d", "ro")
+    assert [p.name for p in (ROOT / source).iterdir()] == ["10-mini-scan-roles.sh"]
+    assert migrate["profiles"] == ["postgres"]
+    assert migrate["command"] == ["migrate"]
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    depends = compose["services"]["processor"]["depends_on"]["migrate"]
+    assert depends == {"condition": "service_completed_successfully", "required": False}
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
@@ -363,7 +452,7 @@ def test_the_prometheus_configuration_passes_promtool() -> None:
 
 def test_every_long_running_service_restarts_and_one_shots_do_not(compose) -> None:
     for name, service in compose["services"].items():
-        one_shot = name in ("setup", "data-dir")
+        one_shot = name in ("setup", "data-dir", "migrate")
         expected = "no" if one_shot else "unless-stopped"
         assert service.get("restart") == expected, name
 

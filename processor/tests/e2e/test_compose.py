@@ -53,7 +53,7 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(600), pytest.mark.xdist_g
 PROCESSORS = 5
 FOREIGN_UID = 4242  # owns the database a host user left in ./data before the stack started
 DLQ_SUBSCRIPTION = "projects/test-project/subscriptions/scan-dlq-sub"
-POSTGRES_URL = "postgresql://postgres:postgres@postgres:5432/scans"
+POSTGRES_ENV = ROOT / "deploy" / "compose" / "postgres.env"
 # A seeded scanner run: every kind of message, every rejection reason, some keys seen many times.
 # The rate spreads it over a few seconds, so a processor can be killed while it runs.
 SCAN = ["--count", "6000", "--rate", "1500", "--seed", "20251129", "--keys", "400"]
@@ -470,8 +470,7 @@ def test_the_postgres_profile_gives_the_same_oracle_table(
     image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     data_dir = tmp_path_factory.mktemp("compose-postgres")
-    variables = {"DATABASE_URL": POSTGRES_URL}
-    stack = Stack(project(3), data_dir, image, profiles=["postgres"], variables=variables)
+    stack = Stack(project(3), data_dir, image, profiles=["postgres"], env_file=POSTGRES_ENV)
     try:
         # `up` returns once setup has created the subscription: publishing can start at once.
         stack.compose("up", "-d", "--scale=processor=2", "--scale=scanner=0")
@@ -484,5 +483,14 @@ def test_the_postgres_profile_gives_the_same_oracle_table(
         assert wait_until(lambda: stored() == expected, timeout=CONVERGE_TIMEOUT, interval=1), (
             f"{len(stored())} rows, {len(expected)} expected\n{stack.describe()}"
         )
+        # The migrate one-shot made the table as the owner; the processors hold only DML on it.
+        sql = (
+            "SELECT tableowner, (SELECT string_agg(privilege_type, ',' ORDER BY privilege_type) "
+            "FROM information_schema.role_table_grants WHERE grantee = 'miniscan_app' "
+            "AND table_name = 'services') FROM pg_tables WHERE tablename = 'services'"
+        )
+        psql = ("psql", "-U", "postgres", "-d", "scans", "-Atc", sql)
+        owner = stack.compose("exec", "-T", "postgres", *psql).stdout.strip()
+        assert owner == "miniscan_owner|INSERT,SELECT,UPDATE", stack.describe()
     finally:
         stack.down()

@@ -24,7 +24,15 @@ from processor.tests.helpers.oracle import Row, expected_rows
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MIN_COMPOSE = (2, 20)  # `name:` and `depends_on.required`
 # Variables of the user's shell that would change which file, project or profiles compose uses.
-_COMPOSE_ENV = ("COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES", "DATABASE_URL")
+_COMPOSE_ENV = (
+    "COMPOSE_FILE",
+    "COMPOSE_PROJECT_NAME",
+    "COMPOSE_PROFILES",
+    "DATABASE_URL",
+    "DATABASE_URL_FILE",
+    "DATABASE_SECRETS",
+    "MIGRATE",
+)
 _LOG_LINE = re.compile(r"^(?P<container>[\w.-]+-\d+)\s+\|\s(?P<line>.*)$")
 
 
@@ -58,6 +66,7 @@ class Stack:
     image: str
     profiles: list[str] = field(default_factory=list)
     variables: dict[str, str] = field(default_factory=dict)
+    env_file: Path | None = None  # `--env-file`, as deploy/compose/postgres.env is used
 
     @property
     def owner(self) -> tuple[int, int]:
@@ -78,6 +87,8 @@ class Stack:
     def command(self, *args: str) -> list[str]:
         cmd = ["docker", "compose", "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT)]
         cmd += ["-p", self.name]
+        if self.env_file:
+            cmd += ["--env-file", str(self.env_file)]
         for profile in self.profiles:
             cmd += ["--profile", profile]
         return [*cmd, *args]
