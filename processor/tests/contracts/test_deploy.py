@@ -13,6 +13,7 @@ metric it names is one a real Metrics() serves on /metrics.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -28,6 +29,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic_settings import BaseSettings
+from sqlalchemy.engine import make_url
 
 from emulator.testing import IN_CI
 from processor.cli import COMMANDS
@@ -38,6 +40,7 @@ from processor.tests.helpers import ROOT
 from processor.tests.helpers.pipeline import http_get
 
 DEPLOY = ROOT / "deploy"
+ROLES_SCRIPT = DEPLOY / "postgres" / "initdb" / "10-mini-scan-roles.sh"
 OVERLAYS = ["gke", "local"]
 PROCESSOR = "mini-scan-processor"
 
@@ -71,7 +74,13 @@ SETTINGS_OF_COMMAND: dict[str, type[BaseSettings] | None] = {
 }
 
 # Created by hand on a real cluster, never kept in the repository (gke/kustomization.yaml).
-OUT_OF_BAND_SECRETS = {"gke": {"mini-scan-database"}}
+OUT_OF_BAND_SECRETS = {"gke": {"mini-scan-database", "mini-scan-database-owner"}}
+# The Secret holding each database command's URL: the processors' role can only read and write
+# rows; the setup Job's migrate connects as the schema's owner.
+DATABASE_SECRET_OF_COMMAND = {
+    "process": "mini-scan-database",
+    "migrate": "mini-scan-database-owner",
+}
 
 
 def kubectl() -> str:
@@ -145,13 +154,44 @@ def processor_container(overlay: str) -> dict[str, Any]:
 
 
 def processor_settings(overlay: str) -> ProcessorSettings:
-    """The settings the processor pods start with, read by the processor's own settings class."""
+    """The settings the processor pods start with, read by the processor's own settings class
+    (the database URL file, which only exists in the pod, aside)."""
     values = {
         name.lower(): value
         for name, value in environment(overlay, processor_container(overlay)).items()
-        if value is not None
+        if value is not None and name != "DATABASE_URL_FILE"
     }
     return ProcessorSettings(**values)
+
+
+def pod_spec_of(overlay: str, where: str) -> dict[str, Any]:
+    name = where.split("/")[0]
+    return next(spec for pod, spec in pod_specs(overlay) if pod == name)
+
+
+def mounted_secret(overlay: str, where: str, container: dict[str, Any], path: str) -> tuple:
+    """(Secret name, key) of the file at `path` in a container: a read-only secret volume."""
+    directory, key = path.rsplit("/", 1)
+    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == directory]
+    assert mount.get("readOnly") is True, where
+    volumes = {v["name"]: v for v in pod_spec_of(overlay, where)["volumes"]}
+    secret = volumes[mount["name"]]["secret"]
+    assert "items" not in secret, f"{where}: every key of the Secret is a file"
+    return secret["secretName"], key
+
+
+def unhashed(name: str) -> str:
+    """A generated object's name without the content hash kustomize appends."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
+
+
+def generated(overlay: str, kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in find(overlay, kind) if unhashed(d["metadata"]["name"]) == name]
+    return doc
+
+
+def secret_value(overlay: str, name: str, key: str) -> str:
+    return base64.b64decode(generated(overlay, "Secret", unhashed(name))["data"][key]).decode()
 
 
 def grace_period(overlay: str) -> int:
@@ -250,6 +290,9 @@ def test_every_reference_names_a_rendered_object(overlay: str):
                 if "secretKeyRef" in v.get("valueFrom", {})
             ),
         ]
+        volumes = pod_spec_of(overlay, where).get("volumes", [])
+        refs += [("Secret", v["secret"]["secretName"]) for v in volumes if "secret" in v]
+        refs += [("ConfigMap", v["configMap"]["name"]) for v in volumes if "configMap" in v]
         for kind, ref in refs:
             assert (kind, ref) in names or (kind == "Secret" and ref in secrets_by_hand), (
                 f"{where} refers to {kind} {ref}, which {overlay} does not render"
@@ -291,7 +334,11 @@ def test_every_environment_variable_is_a_setting_of_its_command(overlay: str):
 def test_the_processor_gets_every_setting_from_its_configmaps_and_secret(overlay: str):
     given = set(environment(overlay, processor_container(overlay)))
     # The emulator's address is the one setting whose absence means something: real Pub/Sub.
-    wanted = {name.upper() for name in ProcessorSettings.model_fields} - {"PUBSUB_EMULATOR_HOST"}
+    # DATABASE_URL: the URL comes from a file, DATABASE_URL_FILE (the two exclude each other).
+    wanted = {name.upper() for name in ProcessorSettings.model_fields} - {
+        "PUBSUB_EMULATOR_HOST",
+        "DATABASE_URL",
+    }
 
     assert wanted <= given, (
         f"not set: {sorted(wanted - given)}: add it to the mini-scan-processor ConfigMap in "
@@ -306,6 +353,68 @@ def test_the_configured_settings_are_valid_processor_settings(overlay: str):
 
     assert settings.metrics_host == "0.0.0.0", "probes and Prometheus reach the pod's address"
     assert settings.log_format == "json"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_database_url_is_a_mounted_secret_file_never_an_environment_variable(overlay: str):
+    files = {}
+    for where, container in containers(overlay):
+        assert not any("secretKeyRef" in v.get("valueFrom", {}) for v in container.get("env", []))
+        assert not any("secretRef" in source for source in container.get("envFrom", [])), where
+    for where, container in our_containers(overlay):
+        variables, command = environment(overlay, container), container["args"][0]
+        assert "DATABASE_URL" not in variables, where
+        if command in DATABASE_SECRET_OF_COMMAND:
+            path = variables["DATABASE_URL_FILE"]
+            secret, key = mounted_secret(overlay, where, container, path)
+            files[command] = (unhashed(secret), key)
+        else:
+            assert "DATABASE_URL_FILE" not in variables, where
+            assert not container.get("volumeMounts", []) or all(
+                m["name"] == "tmp" for m in container["volumeMounts"]
+            ), f"{where} never opens the database: no Secret for it"
+
+    assert files == {c: (s, "DATABASE_URL") for c, s in DATABASE_SECRET_OF_COMMAND.items()}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_processors_do_not_migrate_the_setup_job_does(overlay: str):
+    assert processor_settings(overlay).migrate is False
+    runs_migrate = [where for where, c in our_containers(overlay) if c["args"][0] == "migrate"]
+    assert runs_migrate == ["mini-scan-setup/migrate"]
+
+
+def test_the_local_postgres_makes_the_roles_the_urls_name_from_password_files():
+    app = make_url(secret_value("local", "mini-scan-database", "DATABASE_URL"))
+    owner = make_url(secret_value("local", "mini-scan-database-owner", "DATABASE_URL"))
+    assert (app.username, owner.username) == ("miniscan_app", "miniscan_owner")
+    pod = only("local", "StatefulSet", "postgres")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert "POSTGRES_PASSWORD" not in env
+    where = "postgres/postgres"
+    for variable, password in (
+        ("POSTGRES_PASSWORD_FILE", None),
+        ("MINI_SCAN_OWNER_PASSWORD_FILE", owner.password),
+        ("MINI_SCAN_APP_PASSWORD_FILE", app.password),
+    ):
+        secret, key = mounted_secret("local", where, container, env[variable])
+        assert unhashed(secret) == "postgres"
+        assert password is None or secret_value("local", secret, key) == password, variable
+    (initdb,) = [
+        m for m in container["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d"
+    ]
+    volumes = {v["name"]: v for v in pod_spec_of("local", where)["volumes"]}
+    scripts = only("local", "ConfigMap", volumes[initdb["name"]]["configMap"]["name"])["data"]
+    assert scripts == {ROLES_SCRIPT.name: ROLES_SCRIPT.read_text()}
+
+
+def test_the_gke_sample_database_url_verifies_the_server():
+    instructions = (DEPLOY / "kubernetes" / "gke" / "kustomization.yaml").read_text()
+    urls = re.findall(r"postgresql://\S+", instructions)
+
+    assert urls
+    assert all("sslmode=verify-full" in url for url in urls), urls
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
