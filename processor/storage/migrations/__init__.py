@@ -54,14 +54,20 @@ def behind(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    heads = set(ScriptDirectory(str(_MIGRATIONS)).get_heads())
+    script = ScriptDirectory(str(_MIGRATIONS))
+    heads = set(script.get_heads())
     with engine.connect() as connection:
         current = set(MigrationContext.configure(connection).get_current_heads())
     if current == heads:
         return None
-    found = ", ".join(sorted(current)) or "none (no table yet)"
+    found, needed = ", ".join(sorted(current)) or "none (no table yet)", ", ".join(sorted(heads))
+    if current - {revision.revision for revision in script.walk_revisions()}:
+        return (
+            f"the database schema is at revision {found}, newer than this version knows "
+            f"({needed}): run the version that migrated it"
+        )
     return (
-        f"the database schema is at revision {found}, this version needs {', '.join(heads)}: "
+        f"the database schema is at revision {found}, this version needs {needed}: "
         "run `mini-scan migrate` as the database's owner"
     )
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.schema import Observation
-from processor.storage import Repository, UpsertResult, migrate, open_engine
+from processor.storage import Repository, UpsertResult, behind, migrate, open_engine
 from processor.storage.repository import merge
 from processor.tests.helpers.oracle import expected_rows, stored_rows
 
@@ -229,3 +229,27 @@ def test_the_settings_default_database_is_the_stores_own() -> None:
     from processor import config, storage
 
     assert config.DEFAULT_DATABASE_URL == storage.DEFAULT_DATABASE_URL
+
+
+def test_the_schema_check_says_what_to_run_until_the_schema_is_at_the_newest_revision(
+    any_database_url: str,
+):
+    engine = open_engine(any_database_url)
+    assert "at revision none (no table yet)" in behind(engine)
+    migrate(engine, "0001")
+    problem = behind(engine)
+    assert "at revision 0001, this version needs" in problem
+    assert "run `mini-scan migrate`" in problem
+    migrate(engine)
+    assert behind(engine) is None
+    engine.dispose()
+
+
+def test_the_schema_check_tells_a_newer_schema_from_an_older_one(migrated_url: str):
+    # Given a schema migrated by a later version than this one (a rollback of the processors)
+    engine = open_engine(migrated_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+
+    assert "at revision 9999, newer than this version knows" in behind(engine)
+    engine.dispose()
