@@ -414,14 +414,19 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def replot(args: argparse.Namespace) -> int:
-    """One table and plot from saved runs: each database's rows keep their own run's ratios."""
+    """One table and plot from saved runs: each run's rows keep their own ratios; a database
+    measured in several runs is labelled with its run's start from the second on."""
     console = Console(width=160)
     wanted = args.databases.split(",")
-    results, titles = [], []
+    results, titles, seen = [], [], set()
     for path in args.replot:
         saved = json.loads(Path(path).read_text())
         kept = with_ratios([r for r in saved["results"] if r["database"] in wanted])
-        wanted = [name for name in wanted if name not in {r["database"] for r in kept}]
+        started = re.search(r"\d\d:\d\d UTC", saved["title"])
+        for r in kept:
+            if r["database"] in seen and started:
+                r["database"] += f" ({started.group()} run)"
+        seen |= {r["database"] for r in kept}
         results += kept
         titles.append(f"{', '.join(dict.fromkeys(r['database'] for r in kept))}: {saved['title']}")
     title = "\n".join(titles)
@@ -454,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         "--replot",
         nargs="+",
         metavar="JSON",
-        help="measure nothing: merge earlier runs into one table and plot, each database "
-        "named in --databases (variants by their full name) from the first file holding it",
+        help="measure nothing: merge earlier runs into one table and plot: every database "
+        "named in --databases (variants by their full name) from every file holding it",
     )
     args = parser.parse_args(argv)
     if args.replot:
