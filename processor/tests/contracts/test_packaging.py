@@ -202,13 +202,16 @@ def test_postgres_is_an_optional_profile(compose) -> None:
 
 
 # Who may hold the database's URL or a password: the processors (and the query commands run in
-# them), the migrate one-shot, and PostgreSQL itself; data-dir only reads the SQLite path.
+# them), the migrate one-shot, PostgreSQL (its superuser's) and the roles one-shot (the roles');
+# data-dir only reads the SQLite path.
 DATABASE_SECRETS = {
     "processor": {"database-url"},
     "migrate": {"database-owner-url"},
-    "postgres": {"postgres-password", "mini-scan-owner-password", "mini-scan-app-password"},
+    "postgres": {"postgres-password"},
+    "postgres-roles": {"mini-scan-owner-password", "mini-scan-app-password"},
 }
 POSTGRES_ENV = ROOT / "deploy" / "compose" / "postgres.env"
+ROLES_SCRIPT = ROOT / "deploy" / "postgres" / "initdb" / "10-mini-scan-roles.sh"
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -237,8 +240,8 @@ def test_every_secret_has_its_local_sample_and_is_read_from_its_mount(compose) -
         assert _secret_file(compose, name).read_text().strip(), name
     mounted = {
         "migrate": {"DATABASE_URL_FILE": "database-owner-url"},
-        "postgres": {
-            "POSTGRES_PASSWORD_FILE": "postgres-password",
+        "postgres": {"POSTGRES_PASSWORD_FILE": "postgres-password"},
+        "postgres-roles": {
             "MINI_SCAN_OWNER_PASSWORD_FILE": "mini-scan-owner-password",
             "MINI_SCAN_APP_PASSWORD_FILE": "mini-scan-app-password",
         },
@@ -247,7 +250,8 @@ def test_every_secret_has_its_local_sample_and_is_read_from_its_mount(compose) -
         env = compose["services"][service]["environment"]
         for variable, secret in variables.items():
             assert env[variable] == f"/run/secrets/{secret}", (service, variable)
-    assert "POSTGRES_PASSWORD" not in compose["services"]["postgres"]["environment"]
+    for service in ("postgres", "postgres-roles"):
+        assert "POSTGRES_PASSWORD" not in compose["services"][service]["environment"], service
     assert _env_file(POSTGRES_ENV)["DATABASE_URL_FILE"] == "/run/secrets/database-url"
 
 
@@ -266,23 +270,37 @@ def test_the_postgres_env_file_runs_processors_as_the_app_role_without_migrating
     assert settings.migrate is False
     assert (app.username, owner.username) == ("miniscan_app", "miniscan_owner")
     assert (app.host, app.database) == (owner.host, owner.database) == ("postgres", "scans")
-    # The init script sets the passwords the URLs carry.
+    # The roles script sets the passwords the URLs carry.
     for url, secret in ((app, "mini-scan-app-password"), (owner, "mini-scan-owner-password")):
         assert url.password == _secret_file(compose, secret).read_text().strip()
 
 
-def test_postgres_runs_the_roles_script_once_and_migrate_runs_before_the_processors(
-    compose,
-) -> None:
-    postgres, migrate = compose["services"]["postgres"], compose["services"]["migrate"]
-    initdb = next(v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v)
-    source, target, mode = initdb.split(":")
-    assert (target, mode) == ("/docker-entrypoint-initdb.d", "ro")
-    assert [p.name for p in (ROOT / source).iterdir()] == ["10-mini-scan-roles.sh"]
-    assert migrate["profiles"] == ["postgres"]
+def test_a_one_shot_makes_the_roles_over_the_socket_before_migrate_runs(compose) -> None:
+    services = compose["services"]
+    postgres, roles, migrate = services["postgres"], services["postgres-roles"], services["migrate"]
+    # The roles script, run by PostgreSQL's own image as its postgres user, on every `up`
+    assert roles["image"] == postgres["image"]
+    assert roles["profiles"] == migrate["profiles"] == ["postgres"]
+    assert roles["user"] == "postgres"
+    script, target, mode = roles["volumes"][0].split(":")
+    assert (ROOT / script).resolve() == ROLES_SCRIPT
+    assert (roles["entrypoint"], mode) == (["bash", target], "ro")
+    assert roles["restart"] == "no"
+    # over the server's Unix socket, a volume the two share, not the image's init scripts
+    socket = "postgres-socket:/var/run/postgresql"
+    assert socket in roles["volumes"]
+    assert socket in postgres["volumes"]
+    assert roles["environment"]["PGHOST"] == "/var/run/postgresql"
+    assert not any("docker-entrypoint-initdb.d" in v for v in postgres["volumes"])
+    # with nothing to gain privileges with or write to
+    assert (roles["cap_drop"], roles.get("cap_add"), roles["read_only"]) == (["ALL"], None, True)
+    assert roles["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert migrate["command"] == ["migrate"]
-    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    depends = compose["services"]["processor"]["depends_on"]["migrate"]
+    assert migrate["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "postgres-roles": {"condition": "service_completed_successfully"},
+    }
+    depends = services["processor"]["depends_on"]["migrate"]
     assert depends == {"condition": "service_completed_successfully", "required": False}
 
 
@@ -452,7 +470,7 @@ def test_the_prometheus_configuration_passes_promtool() -> None:
 
 def test_every_long_running_service_restarts_and_one_shots_do_not(compose) -> None:
     for name, service in compose["services"].items():
-        one_shot = name in ("setup", "data-dir", "migrate")
+        one_shot = name in ("setup", "data-dir", "migrate", "postgres-roles")
         expected = "no" if one_shot else "unless-stopped"
         assert service.get("restart") == expected, name
 
