@@ -5,7 +5,11 @@ only read and write rows, and MIGRATE off: a processor waits for the schema inst
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +24,7 @@ import sqlalchemy as sa
 from emulator.testing import IN_CI, wait_until
 from processor.storage import Repository, database_url, migrate, open_engine
 from processor.tests.helpers import ROOT
+from processor.tests.helpers.oracle import expected_rows
 from processor.tests.helpers.pipeline import observations, publish_observations, reaches_oracle
 
 ROLES_SCRIPT = ROOT / "deploy" / "postgres" / "initdb" / "10-mini-scan-roles.sh"
@@ -33,6 +38,19 @@ one_consumer = pytest.mark.parametrize("consumer", ["batch"])
 class Roles:
     owner_url: str
     app_url: str
+    admin_url: str  # the superuser's, in the same database
+    script_env: dict[str, str]  # what the roles script ran with
+
+
+def run_roles_script(env: dict[str, str]) -> None:
+    script = subprocess.run(
+        ["bash", str(ROLES_SCRIPT)],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert script.returncode == 0, script.stderr
 
 
 def _psql_problem() -> str | None:
@@ -54,25 +72,18 @@ def roles(postgres_server_url: str, tmp_path: Path) -> Iterator[Roles]:
         connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
     (tmp_path / "owner-password").write_text("owner password, with a quote '\n")
     (tmp_path / "app-password").write_text("app-password\n")
-    script = subprocess.run(
-        ["bash", str(ROLES_SCRIPT)],
-        env=os.environ
-        | {
-            "PGHOST": admin_url.host or "127.0.0.1",
-            "PGPORT": str(admin_url.port or 5432),
-            "PGPASSWORD": admin_url.password or "",
-            "POSTGRES_USER": admin_url.username or "postgres",
-            "POSTGRES_DB": name,
-            "MINI_SCAN_OWNER_ROLE": owner,
-            "MINI_SCAN_APP_ROLE": app,
-            "MINI_SCAN_OWNER_PASSWORD_FILE": str(tmp_path / "owner-password"),
-            "MINI_SCAN_APP_PASSWORD_FILE": str(tmp_path / "app-password"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert script.returncode == 0, script.stderr
+    script_env = {
+        "PGHOST": admin_url.host or "127.0.0.1",
+        "PGPORT": str(admin_url.port or 5432),
+        "PGPASSWORD": admin_url.password or "",
+        "POSTGRES_USER": admin_url.username or "postgres",
+        "POSTGRES_DB": name,
+        "MINI_SCAN_OWNER_ROLE": owner,
+        "MINI_SCAN_APP_ROLE": app,
+        "MINI_SCAN_OWNER_PASSWORD_FILE": str(tmp_path / "owner-password"),
+        "MINI_SCAN_APP_PASSWORD_FILE": str(tmp_path / "app-password"),
+    }
+    run_roles_script(script_env)
     url = admin_url.set(database=name)
     yield Roles(
         owner_url=url.set(
@@ -81,6 +92,8 @@ def roles(postgres_server_url: str, tmp_path: Path) -> Iterator[Roles]:
         app_url=url.set(username=app, password="app-password").render_as_string(
             hide_password=False
         ),
+        admin_url=url.render_as_string(hide_password=False),
+        script_env=script_env,
     )
     with admin.connect() as connection:
         connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -228,3 +241,50 @@ def test_an_existing_database_upgrades_with_the_migrate_job_then_the_processors(
     # Then the old rows and the new messages make one table
     assert reaches_oracle(pipeline, before + after)
     assert stop() == 0
+
+
+def _has_password(admin_url: str, role: str, password: str) -> bool:
+    """Whether the role's SCRAM verifier is the password's (the test server may trust every
+    login, so logging in would not tell)."""
+    engine = sa.create_engine(admin_url)
+    with engine.connect() as connection:
+        verifier = connection.exec_driver_sql(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)
+        ).scalar_one()
+    engine.dispose()
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier)
+    assert match, "not a SCRAM-SHA-256 verifier"
+    iterations, salt, stored_key = int(match[1]), base64.b64decode(match[2]), match[3]
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return base64.b64encode(hashlib.sha256(client_key).digest()).decode() == stored_key
+
+
+def test_the_roles_script_runs_again_and_adopts_the_tables_an_earlier_version_made(roles):
+    # Given a database an earlier version made and wrote to as the superuser (revision 0001)
+    admin = open_engine(roles.admin_url)
+    migrate(admin, "0001")
+    before = observations(30, keys=10, seed=4)
+    Repository(admin).upsert_many(before)
+    admin.dispose()
+
+    # When the script runs again (the roles exist), with a new app role password
+    Path(roles.script_env["MINI_SCAN_APP_PASSWORD_FILE"]).write_text("a new app password\n")
+    run_roles_script(roles.script_env)
+
+    # Then the app role has the new password, the owner owns the tables (it can migrate them
+    # further), and the app role reads and writes their rows
+    app_role = roles.script_env["MINI_SCAN_APP_ROLE"]
+    assert _has_password(roles.admin_url, app_role, "a new app password")
+    assert not _has_password(roles.admin_url, app_role, "app-password")
+    migrate_as_owner(roles)
+    after = observations(20, keys=20, seed=5)
+    app = open_engine(roles.app_url)
+    try:
+        Repository(app).upsert_many(after)
+        assert Repository(app).accepts_a_known_good_row()
+        with app.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT count(*) FROM services").scalar_one()
+        assert rows == len(expected_rows(before + after))
+    finally:
+        app.dispose()
