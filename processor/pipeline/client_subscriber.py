@@ -201,9 +201,9 @@ class ClientSubscriber:
             message.ack_id,
             message.message_id,
             message.data,
-            message.attributes,
+            dict(message.attributes),
             message.publish_time.timestamp(),
-            message,
+            _detached(message),
         )
         with self._lock:
             late = self._closing  # a callback that ran on while its stream closed
@@ -221,6 +221,23 @@ class ClientSubscriber:
         error = future.exception()
         _log.error("stream_ended", error=first_line(error) if error else "no error")
         self.failed.set()
+
+
+_DETACHED = pubsub_v1.types.PubsubMessage.pb()()
+
+
+def _detached(message: Any) -> Any:
+    """The client's message, kept to ack or nack it, without its protobuf.
+
+    The client builds each message on the parsed streaming-pull response, and keeps the
+    protobuf and its attributes (a view into that response): held, one message keeps the whole
+    response alive, while flow control counts only the message's own size. A message held
+    long (its dead letter on a slow publish) would pin a response each. Acking and nacking use
+    only its ack id, size and ordering key, read when it was built; its data is already a copy.
+    """
+    message._message = _DETACHED
+    message._attributes = {}
+    return message
 
 
 class _ReleasingManager(StreamingPullManager):
