@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from emulator import Emulator
@@ -83,6 +84,49 @@ def test_a_connection_that_goes_silent_is_replaced_and_the_backlog_drained(
         assert_nothing_dead_lettered(pipeline)
         child.signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 0, child.output()
+
+
+# The batch consumer's dispatcher has always bounded its own requests (a third of a lease).
+@pytest.mark.parametrize("consumer", ["client"])
+def test_acks_failing_longer_than_the_client_retries_them_do_not_stop_the_processor(
+    our_emulator: Emulator,
+    emulator_host: str,
+    faults: Faults,
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """Catches acks left to the client library's own retries (60 s on UNAVAILABLE): when they
+    run out, the library closes its stream manager, as behind a silent connection that
+    keepalive ends at about the same moment. Its streams end at once; the processor then
+    exits (`stream_ended`) once the manager's other requests have run out too, or waits with
+    no stream open until the watch reopens them."""
+    # Given a processor whose every Acknowledge fails with UNAVAILABLE, for longer than 60 s
+    port = free_port()
+    pipeline = make_pipeline(metrics_port=port)
+    url = pipeline.settings.database_url
+    workload = scan_workload(67, 200, keys=None, duplicates=0.0, out_of_order=0.0, malformed=0)
+    state = our_emulator.broker.subscription(pipeline.settings.subscription_path)
+    stop = pipeline.start_processor()
+    streams = pipeline.settings.streams
+    assert wait_until(lambda: state.stream_count() == streams, timeout=20)
+    faults.fail_next("Acknowledge", n=10**9, code=grpc.StatusCode.UNAVAILABLE)
+    publish(pipeline, workload, workload.messages)
+    expected = workload.expected_rows()
+    assert reaches(url, expected, 30), describe_difference(url, expected)
+    # When that lasts 65 s
+    now = time.monotonic()
+    deadline, all_open_at = now + 65, now
+    while now < deadline:  # an invariant held over time
+        # Then the processor keeps its streams open (a reopening takes a moment at most)
+        if state.stream_count() == streams:
+            all_open_at = now
+        assert now - all_open_at < 5, f"{state.stream_count()} of {streams} streams open for 5 s"
+        time.sleep(0.5)
+        now = time.monotonic()
+    # And once acks pass again, every message is acked and it stops cleanly
+    faults.clear()
+    assert wait_until(lambda: state.backlog() == (0, 0), timeout=60), state.describe()
+    assert stop() == 0
+    assert_nothing_dead_lettered(pipeline)
 
 
 def test_a_stream_the_service_stops_serving_is_reopened_and_the_backlog_drained(
