@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
+from google.api_core import exceptions as google_exceptions
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber._protocol.streaming_pull_manager import (
     StreamingPullManager,
@@ -67,6 +68,7 @@ class ClientSubscriber:
             self._dispatcher, settings.lease_seconds, 1 << 62, 1 << 62, keepalive=lambda: None
         )
         self._adopted_ids: set[str] = set()
+        self._bounded = BoundedRequests(subscriber, self._dispatcher)
         self._started = False
         limit = settings.max_messages * settings.streams
         self._watch = StreamWatch(
@@ -101,7 +103,7 @@ class ClientSubscriber:
             )
             stream = _Subscription(self)
             stream.future = open_stream(
-                self._subscriber,
+                self._bounded,
                 self._settings.subscription_path,
                 functools.partial(self._on_message, stream),
                 flow,
@@ -199,9 +201,9 @@ class ClientSubscriber:
             message.ack_id,
             message.message_id,
             message.data,
-            message.attributes,
+            dict(message.attributes),
             message.publish_time.timestamp(),
-            message,
+            _detached(message),
         )
         with self._lock:
             late = self._closing  # a callback that ran on while its stream closed
@@ -219,6 +221,23 @@ class ClientSubscriber:
         error = future.exception()
         _log.error("stream_ended", error=first_line(error) if error else "no error")
         self.failed.set()
+
+
+_DETACHED = pubsub_v1.types.PubsubMessage.pb()()
+
+
+def _detached(message: Any) -> Any:
+    """The client's message, kept to ack or nack it, without its protobuf.
+
+    The client builds each message on the parsed streaming-pull response, and keeps the
+    protobuf and its attributes (a view into that response): held, one message keeps the whole
+    response alive, while flow control counts only the message's own size. A message held
+    long (its dead letter on a slow publish) would pin a response each. Acking and nacking use
+    only its ack id, size and ordering key, read when it was built; its data is already a copy.
+    """
+    message._message = _DETACHED
+    message._attributes = {}
+    return message
 
 
 class _ReleasingManager(StreamingPullManager):
@@ -241,8 +260,48 @@ class _ReleasingManager(StreamingPullManager):
         super().maybe_resume_consumer()
 
 
+class BoundedRequests:
+    """The subscriber as the client's stream manager sees it: its acks and lease extensions
+    leave with the dispatcher's deadline and retry (a third of a lease in all), not the
+    client's 60 s, and a request that runs out of time fails as a plain API error.
+
+    The manager sends acks and extensions as unary requests, each retried for up to 60 s on
+    UNAVAILABLE; when the retries run out it closes the whole stream manager (a `RetryError`),
+    which the processor takes for a fatal stream end and exits. Behind a connection gone
+    silent, gRPC keepalive declares it dead after 40-70 s and the requests waiting on it fail
+    with UNAVAILABLE just after their 60 s are up: the processor stopped. Bounded, a request
+    on a dead connection fails in seconds as `DeadlineExceeded`, which the manager treats as
+    best effort (a lost ack is a redelivery), and the streams reopen once keepalive ends the
+    connection.
+    """
+
+    def __init__(self, subscriber: pubsub_v1.SubscriberClient, dispatcher: Dispatcher) -> None:
+        self._subscriber = subscriber
+        self._retry, self._deadline = dispatcher.retry, dispatcher.deadline
+        self.streaming_pull = subscriber.streaming_pull
+
+    @property
+    def open_telemetry_enabled(self) -> bool:
+        return self._subscriber.open_telemetry_enabled
+
+    def acknowledge(self, **request: Any) -> None:
+        self._send(self._subscriber.acknowledge, request)
+
+    def modify_ack_deadline(self, **request: Any) -> None:
+        self._send(self._subscriber.modify_ack_deadline, request)
+
+    def _send(self, method: Callable[..., Any], request: dict[str, Any]) -> None:
+        try:
+            method(**request, retry=self._retry, timeout=self._deadline)
+        except google_exceptions.RetryError as exc:
+            cause = exc.cause
+            if isinstance(cause, google_exceptions.GoogleAPICallError):
+                raise cause from exc
+            raise google_exceptions.DeadlineExceeded(str(exc)) from exc
+
+
 def open_stream(
-    subscriber: pubsub_v1.SubscriberClient,
+    subscriber: pubsub_v1.SubscriberClient | BoundedRequests,
     subscription: str,
     callback: Callable[[Any], None],
     flow_control: pubsub_v1.types.FlowControl,

@@ -54,7 +54,7 @@ class Dispatcher:
         # A third of a lease: an extension sent when two thirds of the lease remain has an
         # answer, or has given up, before the next one is due.
         self.deadline = max(2.0, lease_seconds / 3)
-        self._retry = retries.Retry(
+        self.retry = retries.Retry(
             predicate=retries.if_exception_type(google_exceptions.ServiceUnavailable),
             initial=0.1,
             maximum=1.0,
@@ -141,7 +141,7 @@ class Dispatcher:
         if kind == "ack":
             ack = _ACK.pb()(subscription=self._subscription, ack_ids=chunk)
             self._subscriber.acknowledge(
-                request=_ACK.wrap(ack), retry=self._retry, timeout=self.deadline
+                request=_ACK.wrap(ack), retry=self.retry, timeout=self.deadline
             )
             return
         seconds = 0 if kind == "nack" else self._lease_seconds
@@ -149,7 +149,7 @@ class Dispatcher:
             subscription=self._subscription, ack_ids=chunk, ack_deadline_seconds=seconds
         )
         self._subscriber.modify_ack_deadline(
-            request=_MODACK.wrap(modack), retry=self._retry, timeout=self.deadline
+            request=_MODACK.wrap(modack), retry=self.retry, timeout=self.deadline
         )
 
 

@@ -87,6 +87,10 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            # The timeout was for connecting only: left on, every connection the server sent
+            # nothing on for 5 s would be closed (FIN), so an idle or silenced connection would
+            # end on its own, unlike through a real network.
+            upstream.settimeout(None)
             with self._lock:
                 self._connections |= {client, upstream}
                 generation = self._generation
