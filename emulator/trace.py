@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 # Events kept per message (every attempt of a message that dead-letters at 100), and in all: a
 # long test's subscription stops recording rather than growing without bound.
@@ -28,10 +28,13 @@ class DeliveryTrace:
         self._messages: dict[str, str] = {}  # ack id -> message id, for requests on dead leases
         self._count = 0
         self.last_ack: float | None = None  # seconds into the trace of the latest ack
+        # Deliveries per message id, counted whole even once the event lists stop growing.
+        self.deliveries: Counter[str] = Counter()
 
     def delivered(self, message_id: str, ack_id: str, event: str) -> None:
         with self._lock:
             self._messages[ack_id] = message_id
+            self.deliveries[message_id] += 1
         self.record(message_id, event)
 
     def ignored(self, ack_id: str, request: str) -> None:

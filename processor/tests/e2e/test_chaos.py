@@ -20,7 +20,6 @@ import pytest
 
 from emulator import Emulator
 from processor.tests.helpers.chaos import (
-    REPEATS_PER_KILL,
     ProxyCut,
     PubSubFaults,
     SqliteWriteLock,
@@ -33,6 +32,7 @@ from processor.tests.helpers.chaos import (
     reaches,
     repeated_letters,
     scan_workload,
+    sent_twice_per_delivery,
     unexpected_letters,
 )
 from processor.tests.helpers.pipeline import Pipeline, ProcessorProcess
@@ -129,6 +129,7 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
             lambda: spawn_processor(pipeline, BATCH_SIZE="200", PUBSUB_EMULATOR_HOST=proxy.address),
             rng,
         )
+        trace = our_emulator.broker.subscription(pipeline.settings.subscription_path).start_trace()
         publishing = publish_paced(
             pipeline.publisher, pipeline.settings.topic_path, workload, PUBLISH_SECONDS
         )
@@ -151,13 +152,15 @@ def test_kill_9_and_database_outages_under_load_end_exactly_at_the_oracle(
         dead = workload.expected_dead_letters()
         assert len(dead) == len(workload.malformed)
         assert set(dead.values()) == {str(reason) for reason in MALFORMED_REASONS}
+        # (a dead letter whose ack went into a silent connection comes back after keepalive
+        # ends it and a lease runs out: up to 70 + 20 s, docs/reliability.md)
         letters = pull_dead_letters(
-            pipeline.settings.dead_letter_subscription_path, covers(dead), timeout=60
+            pipeline.settings.dead_letter_subscription_path, covers(dead), timeout=120
         )
         assert unexpected_letters(letters, dead, repeats=True) == {}, replay
-        repeats = repeated_letters(letters)
-        print(f"{repeats} dead letters repeated")
-        assert repeats <= REPEATS_PER_KILL * fleet.killed, replay
+        # And a dead letter is repeated only when its message was delivered again
+        print(f"{repeated_letters(letters)} dead letters repeated")
+        assert sent_twice_per_delivery(letters, trace.deliveries) == {}, replay
         assert set(dead) <= {m.attributes["source_message_id"] for m in letters}, replay
         # And the processors still running stop cleanly on SIGTERM
         for child in fleet.running:

@@ -395,8 +395,19 @@ def unexpected_letters(
     }
 
 
-# A SIGKILL can repeat only the dead letters confirmed in the moment before it whose acks had
-# not left yet: a handful per kill. Far more means dead letters are sent twice without one.
+def sent_twice_per_delivery(letters: list[Any], deliveries: Counter[str]) -> dict[str, str]:
+    """Source messages with more dead letters than deliveries: a dead letter is published once
+    per delivery of its message, again only when the message comes back (a kill, a lost ack, a
+    lapsed lease); more than that means one delivery was dead-lettered twice."""
+    return {
+        source: f"{len(reasons)} dead letters, {deliveries[source]} deliveries"
+        for source, reasons in reasons_by_source(letters).items()
+        if len(reasons) > deliveries[source]
+    }
+
+
+# Where the emulator's deliveries cannot be counted (compose): a SIGKILL can repeat only the
+# dead letters confirmed in the moment before it whose acks had not left yet, a handful.
 REPEATS_PER_KILL = 10
 
 
