@@ -395,14 +395,18 @@ def unexpected_letters(
     }
 
 
-def sent_twice_per_delivery(letters: list[Any], deliveries: Counter[str]) -> dict[str, str]:
-    """Source messages with more dead letters than deliveries: a dead letter is published once
-    per delivery of its message, again only when the message comes back (a kill, a lost ack, a
-    lapsed lease); more than that means one delivery was dead-lettered twice."""
+def sent_twice_per_delivery(
+    letters: list[Any], deliveries: Counter[str], silences: int
+) -> dict[str, str]:
+    """Source messages with more dead letters than their deliveries allow. A dead letter is
+    published once per delivery of its message, again only when the message comes back (a
+    kill, a lost ack, a lapsed lease), plus at most once per silent connection: a Publish the
+    emulator stored whose response the silence swallowed is sent again by the client library.
+    More than that means one delivery was dead-lettered twice."""
     return {
-        source: f"{len(reasons)} dead letters, {deliveries[source]} deliveries"
+        source: f"{len(reasons)} dead letters, {deliveries[source]} deliveries, {silences} silences"
         for source, reasons in reasons_by_source(letters).items()
-        if len(reasons) > deliveries[source]
+        if len(reasons) > deliveries[source] + silences
     }
 
 
