@@ -242,9 +242,10 @@ def test_list_holds_one_pull_of_data_at_a_time(emulator_host, make_pipeline, tmp
         assert json.loads(result.stdout)["total"] == (12 if "--max" not in flags else 1)
         return int(result.stderr.strip().splitlines()[-1])
 
-    # Then its peak is within a few messages of reading a single one. Catches: keeping the
-    # pulled messages for the summary, or pulls not sized by the budget (old code: +36 MB).
+    # Then its peak is within a few messages of reading a single one (measured: 11-18 MB more,
+    # the allocator's share of twelve 3 MB pulls). Catches: keeping the pulled messages for
+    # the summary, or pulls not sized by the budget (old code: +36 MB on top of that).
     one = peak_kb("--max", "1", "--budget-mb", "10")
     all_of_them = peak_kb("--budget-mb", "10")
     print("peak RSS in kB, one and all:", one, all_of_them)
-    assert all_of_them - one < 16_000, (one, all_of_them)
+    assert all_of_them - one < 26_000, (one, all_of_them)
