@@ -413,6 +413,18 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def report(
+    results: list[dict[str, Any]], args: argparse.Namespace, title: str, console: Console
+) -> int:
+    """The table on the console, the results beside the plot, and the plot."""
+    print_table(results, console, title)
+    out = Path(args.out)
+    save(results, args, title)
+    plot(results, out, title)
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def replot(args: argparse.Namespace) -> int:
     """One table and plot from saved runs: each run's rows keep their own ratios; a database
     measured in several runs is labelled with its run's start from the second on."""
@@ -430,12 +442,7 @@ def replot(args: argparse.Namespace) -> int:
         results += kept
         titles.append(f"{', '.join(dict.fromkeys(r['database'] for r in kept))}: {saved['title']}")
     title = "\n".join(titles)
-    print_table(results, console, title)
-    out = Path(args.out)
-    save(results, args, title)
-    plot(results, out, title)
-    console.print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+    return report(results, args, title, console)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,12 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.count:,} messages per drain, processor at default settings; "
         f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load at the end {load}"
     )
-    print_table(results, console, title)
-    out = Path(args.out)
-    save(results, args, title)
-    plot(results, out, title)
-    console.print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+    return report(results, args, title, console)
 
 
 if __name__ == "__main__":
